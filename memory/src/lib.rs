@@ -1,0 +1,13 @@
+//! memvisor's memory manager.
+//!
+//! This crate owns guest RAM ([`ram`]): anonymous private mappings that are handed to KVM as
+//! memslots by the `vmm` crate, and that stay usable with KSM (`MADV_MERGEABLE`), userfaultfd
+//! and `MADV_DONTNEED`. Page-sharing counts, per-VM swap, guest memory usage classes and the
+//! scheduler that moves memory between VMs live here too, as their issues land. The crate knows
+//! nothing about KVM: an action that needs KVM goes through a small trait implemented in `vmm`.
+
+pub mod ram;
+pub mod size;
+
+pub use ram::{GuestRam, RamError, RamRange};
+pub use size::{parse_size, ByteSize, SizeError};

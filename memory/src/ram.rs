@@ -1,0 +1,309 @@
+//! Guest RAM: anonymous private mappings owned by the memory manager.
+//!
+//! Every range is mapped `MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE`, so that KSM
+//! (`MADV_MERGEABLE`), userfaultfd and `MADV_DONTNEED` all work on the same memory, and a discard
+//! really gives the pages back to the host. The `vmm` crate hands each region to KVM as a memslot.
+
+use std::io;
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+};
+
+/// Errors from creating or managing guest RAM.
+#[derive(Debug, thiserror::Error)]
+pub enum RamError {
+    /// A range has size zero or is not page aligned.
+    #[error("guest RAM range at {addr:#x} of {size:#x} bytes is empty or not page aligned")]
+    BadRange {
+        /// Guest physical start address.
+        addr: u64,
+        /// Size in bytes.
+        size: u64,
+    },
+    /// The host refused the mapping (usually: not enough address space or over-commit limits).
+    #[error("cannot map {size_mib} MiB of guest RAM")]
+    Map {
+        /// Size of the refused mapping in MiB.
+        size_mib: u64,
+        /// Why the host refused.
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    /// Ranges overlap or are unordered.
+    #[error("guest RAM ranges overlap")]
+    Overlap,
+    /// A guest range is not backed by RAM.
+    #[error("guest range {addr:#x}+{len:#x} is not guest RAM")]
+    NotRam {
+        /// Guest physical start address.
+        addr: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// `madvise` failed.
+    #[error("madvise({advice}) failed on guest RAM")]
+    Madvise {
+        /// Which advice was refused.
+        advice: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The host page size this crate assumes for guest RAM bookkeeping.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// One contiguous range of guest physical memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RamRange {
+    /// Guest physical start address.
+    pub start: GuestAddress,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+impl RamRange {
+    /// A range starting at `start` of `size` bytes.
+    pub fn new(start: u64, size: u64) -> Self {
+        RamRange {
+            start: GuestAddress(start),
+            size,
+        }
+    }
+    /// One past the last byte.
+    pub fn end(&self) -> u64 {
+        self.start.0 + self.size
+    }
+}
+
+/// Guest RAM of one VM.
+#[derive(Debug, Clone)]
+pub struct GuestRam {
+    mem: GuestMemoryMmap,
+    ranges: Vec<RamRange>,
+}
+
+impl GuestRam {
+    /// Maps guest RAM for `ranges` (sorted, non-overlapping, page aligned).
+    pub fn new(ranges: &[RamRange]) -> Result<Self, RamError> {
+        let mut prev_end = 0u64;
+        let mut regions = Vec::with_capacity(ranges.len());
+        for (i, r) in ranges.iter().enumerate() {
+            if r.size == 0 || r.size % PAGE_SIZE != 0 || r.start.0 % PAGE_SIZE != 0 {
+                return Err(RamError::BadRange {
+                    addr: r.start.0,
+                    size: r.size,
+                });
+            }
+            if i > 0 && r.start.0 < prev_end {
+                return Err(RamError::Overlap);
+            }
+            prev_end = r.start.0.checked_add(r.size).ok_or(RamError::Overlap)?;
+            let size = usize::try_from(r.size).map_err(|_| RamError::BadRange {
+                addr: r.start.0,
+                size: r.size,
+            })?;
+            let mapping = MmapRegionBuilder::new(size)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|source| RamError::Map {
+                    size_mib: r.size >> 20,
+                    source,
+                })?;
+            let region = GuestRegionMmap::new(mapping, r.start).ok_or(RamError::Overlap)?;
+            regions.push(region);
+        }
+        let mem = GuestMemoryMmap::from_regions(regions).map_err(|_| RamError::Overlap)?;
+        Ok(GuestRam {
+            mem,
+            ranges: ranges.to_vec(),
+        })
+    }
+
+    /// The guest memory, for devices and loaders.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The ranges this RAM covers.
+    pub fn ranges(&self) -> &[RamRange] {
+        &self.ranges
+    }
+
+    /// Total guest RAM in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.ranges.iter().map(|r| r.size).sum()
+    }
+
+    /// Host virtual address and length of each range, in guest address order.
+    pub fn host_ranges(&self) -> Vec<(RamRange, *mut u8)> {
+        self.mem
+            .iter()
+            .map(|reg| {
+                (
+                    RamRange {
+                        start: reg.start_addr(),
+                        size: reg.len(),
+                    },
+                    reg.as_ptr(),
+                )
+            })
+            .collect()
+    }
+
+    /// Host address of `len` bytes at guest address `addr`, if they lie within one range.
+    fn host_slice(&self, addr: GuestAddress, len: u64) -> Result<*mut u8, RamError> {
+        let bad = || RamError::NotRam { addr: addr.0, len };
+        let region = self.mem.find_region(addr).ok_or_else(bad)?;
+        let offset = addr.0 - region.start_addr().0;
+        if offset.checked_add(len).is_none_or(|end| end > region.len()) {
+            return Err(bad());
+        }
+        // `offset` is within the region, checked above.
+        Ok(region.as_ptr().wrapping_add(offset as usize))
+    }
+
+    fn madvise(
+        &self,
+        addr: GuestAddress,
+        len: u64,
+        advice: libc::c_int,
+        name: &'static str,
+    ) -> Result<(), RamError> {
+        let ptr = self.host_slice(addr, len)?;
+        // SAFETY: `ptr..ptr+len` lies inside a mapping this object owns (checked by
+        // `host_slice`); the advices used here do not invalidate Rust references because guest
+        // memory is only ever accessed through volatile slices.
+        let ret = unsafe { libc::madvise(ptr.cast(), len as usize, advice) };
+        if ret != 0 {
+            return Err(RamError::Madvise {
+                advice: name,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Gives the pages of a guest range back to the host. They read as zero afterwards.
+    /// `addr` and `len` must be page aligned; a failure is reported, never hidden.
+    pub fn discard(&self, addr: GuestAddress, len: u64) -> Result<(), RamError> {
+        if addr.0 % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+            return Err(RamError::BadRange {
+                addr: addr.0,
+                size: len,
+            });
+        }
+        self.madvise(addr, len, libc::MADV_DONTNEED, "MADV_DONTNEED")
+    }
+
+    /// Marks (or unmarks) all of guest RAM as a KSM merge candidate.
+    pub fn set_mergeable(&self, mergeable: bool) -> Result<(), RamError> {
+        let (advice, name) = if mergeable {
+            (libc::MADV_MERGEABLE, "MADV_MERGEABLE")
+        } else {
+            (libc::MADV_UNMERGEABLE, "MADV_UNMERGEABLE")
+        };
+        for r in &self.ranges {
+            self.madvise(r.start, r.size, advice, name)?;
+        }
+        Ok(())
+    }
+
+    /// Bytes of guest RAM currently resident in host memory (via `mincore`).
+    pub fn resident_bytes(&self) -> io::Result<u64> {
+        let mut total = 0u64;
+        let mut vec = Vec::new();
+        for (range, ptr) in self.host_ranges() {
+            let pages = (range.size / PAGE_SIZE) as usize;
+            vec.resize(pages, 0u8);
+            // SAFETY: `ptr` is the start of a live mapping of `range.size` bytes owned by self,
+            // and `vec` has one byte per page of it as mincore requires.
+            let ret = unsafe { libc::mincore(ptr.cast(), range.size as usize, vec.as_mut_ptr()) };
+            if ret != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            total += vec.iter().filter(|b| **b & 1 != 0).count() as u64 * PAGE_SIZE;
+        }
+        Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    fn two_ranges() -> GuestRam {
+        GuestRam::new(&[RamRange::new(0, 1 << 20), RamRange::new(4 << 20, 2 << 20)]).expect("map")
+    }
+
+    #[test]
+    fn ranges_must_be_aligned_and_ordered() {
+        assert!(matches!(
+            GuestRam::new(&[RamRange::new(0, 100)]),
+            Err(RamError::BadRange { .. })
+        ));
+        assert!(matches!(
+            GuestRam::new(&[RamRange::new(0, 0)]),
+            Err(RamError::BadRange { .. })
+        ));
+        assert!(matches!(
+            GuestRam::new(&[RamRange::new(0, 2 << 20), RamRange::new(1 << 20, 1 << 20)]),
+            Err(RamError::Overlap)
+        ));
+    }
+
+    #[test]
+    fn discard_frees_and_zeroes_pages() {
+        let ram = two_ranges();
+        assert_eq!(ram.size_bytes(), 3 << 20);
+        let buf = vec![0xabu8; 64 << 10];
+        ram.memory()
+            .write_slice(&buf, GuestAddress(4 << 20))
+            .expect("write");
+        let before = ram.resident_bytes().expect("mincore");
+        assert!(before >= 64 << 10, "written pages are resident");
+        ram.discard(GuestAddress(4 << 20), 64 << 10)
+            .expect("discard");
+        let after = ram.resident_bytes().expect("mincore");
+        assert_eq!(before - after, 64 << 10);
+        let mut back = vec![1u8; 64 << 10];
+        ram.memory()
+            .read_slice(&mut back, GuestAddress(4 << 20))
+            .expect("read");
+        assert!(back.iter().all(|b| *b == 0));
+    }
+
+    #[test]
+    fn discard_outside_ram_is_an_error_not_a_silent_success() {
+        let ram = two_ranges();
+        assert!(matches!(
+            ram.discard(GuestAddress(2 << 20), 4096),
+            Err(RamError::NotRam { .. })
+        ));
+        // Straddles the end of the first range.
+        assert!(matches!(
+            ram.discard(GuestAddress((1 << 20) - 4096), 8192),
+            Err(RamError::NotRam { .. })
+        ));
+        assert!(matches!(
+            ram.discard(GuestAddress(100), 4096),
+            Err(RamError::BadRange { .. })
+        ));
+    }
+
+    #[test]
+    fn mergeable_can_be_toggled() {
+        let ram = two_ranges();
+        // KSM may be compiled out of the host kernel; then the advice is refused, and we say so.
+        match ram.set_mergeable(true) {
+            Ok(()) => ram.set_mergeable(false).expect("unmerge"),
+            Err(RamError::Madvise { advice, .. }) => assert_eq!(advice, "MADV_MERGEABLE"),
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! The `memvisor` command.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use memory::ByteSize;
+use vmm::{Vm, VmConfig, VmExit, VmIo};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "memvisor",
+    version,
+    about = "A minimal KVM VMM with a built-in memory manager"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot one VM. With no arguments, boots the default guest from target/guest/.
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Kernel image (ELF vmlinux or bzImage). Default: the default guest's vmlinux.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk. Default: the default guest's initramfs when --kernel is not given.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line (replaces the default).
+    #[arg(long, value_name = "STRING")]
+    cmdline: Option<String>,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N")]
+    cpus: Option<u8>,
+    /// Guest RAM, e.g. 128M or 1G.
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<ByteSize>,
+}
+
+/// Where the default guest lives: `$MEMVISOR_GUEST_DIR`, else `target/guest` under the current
+/// directory, else next to this executable's `target/` directory.
+fn default_guest_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("MEMVISOR_GUEST_DIR") {
+        return PathBuf::from(dir);
+    }
+    let local = PathBuf::from("target/guest");
+    if local.join("vmlinux").exists() {
+        return local;
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent()?.parent().map(|t| t.join("guest")))
+        .filter(|d| d.join("vmlinux").exists())
+        .unwrap_or(local)
+}
+
+fn build_config(args: RunArgs, guest_dir: &Path) -> VmConfig {
+    let mut config = match args.kernel {
+        Some(kernel) => VmConfig::new(kernel),
+        None => VmConfig::default_guest(guest_dir),
+    };
+    if let Some(initrd) = args.initrd {
+        config.initrd = Some(initrd);
+    }
+    if let Some(cmdline) = args.cmdline {
+        config.cmdline = Some(cmdline);
+    }
+    if let Some(cpus) = args.cpus {
+        config.cpus = cpus;
+    }
+    if let Some(memory) = args.memory {
+        config.memory = memory;
+    }
+    config
+}
+
+fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let using_default = args.kernel.is_none();
+    let guest_dir = default_guest_dir();
+    let config = build_config(args, &guest_dir);
+    if using_default && !config.kernel.exists() {
+        anyhow::bail!(
+            "no default guest at {}: build it with guest-images/build, or pass --kernel",
+            guest_dir.display()
+        );
+    }
+    let vm = Vm::new(
+        &config,
+        VmIo {
+            console_out: Box::new(std::io::stdout()),
+        },
+    )?;
+    let input = vm.console_input();
+    // Console input: stdin is forwarded to the guest's UART as it arrives.
+    std::thread::Builder::new()
+        .name("console-in".into())
+        .spawn(move || {
+            let mut buf = [0u8; 256];
+            let mut stdin = std::io::stdin().lock();
+            while let Ok(n) = stdin.read(&mut buf) {
+                if n == 0 || !input.send(&buf[..n]) {
+                    break;
+                }
+            }
+        })
+        .context("cannot start the console input thread")?;
+    match vm.run()? {
+        VmExit::Reset | VmExit::Shutdown | VmExit::Stopped => Ok(ExitCode::SUCCESS),
+        VmExit::Error(e) => anyhow::bail!("{e}"),
+    }
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MEMVISOR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            // One line: clap's first line names the flag and the problem.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("memvisor: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("memvisor: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
