@@ -9,5 +9,5 @@
 pub mod ram;
 pub mod size;
 
-pub use ram::{GuestRam, RamError, RamRange};
+pub use ram::{DiscardRam, GuestRam, RamError, RamRange, PAGE_SIZE};
 pub use size::{parse_size, ByteSize, SizeError};

@@ -79,6 +79,21 @@ impl RamRange {
     }
 }
 
+/// Giving guest pages back to the host. [`GuestRam`] implements it; devices take it as a trait
+/// object so their tests can use a fake that records the ranges.
+pub trait DiscardRam: Send + Sync {
+    /// Frees the host pages behind `len` bytes of guest RAM at `addr` (page aligned). They
+    /// read as zero afterwards. A range that cannot be discarded is an error, never a silent
+    /// success.
+    fn discard_range(&self, addr: GuestAddress, len: u64) -> Result<(), RamError>;
+}
+
+impl DiscardRam for GuestRam {
+    fn discard_range(&self, addr: GuestAddress, len: u64) -> Result<(), RamError> {
+        self.discard(addr, len)
+    }
+}
+
 /// Guest RAM of one VM.
 #[derive(Debug, Clone)]
 pub struct GuestRam {
