@@ -61,3 +61,66 @@ pub fn boot(config: &VmConfig, timeout: Duration) -> BootOutcome {
         tail: vm.console().tail(),
     }
 }
+
+/// Wraps raw 64-bit code in a minimal ELF executable whose one segment loads at `load_addr`
+/// (which is also the entry point). memvisor loads it like a vmlinux: long mode, paging on,
+/// `rsi` pointing at the zero page.
+pub fn tiny_elf(code: &[u8], load_addr: u64) -> Vec<u8> {
+    const EHDR: usize = 64;
+    const PHDR: usize = 56;
+    const CODE_OFFSET: usize = 0x1000;
+    let mut f = vec![0u8; CODE_OFFSET];
+    f[0..4].copy_from_slice(b"\x7fELF");
+    f[4] = 2; // 64-bit
+    f[5] = 1; // little endian
+    f[6] = 1; // ELF version
+    f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    f[20..24].copy_from_slice(&1u32.to_le_bytes());
+    f[24..32].copy_from_slice(&load_addr.to_le_bytes()); // e_entry
+    f[32..40].copy_from_slice(&(EHDR as u64).to_le_bytes()); // e_phoff
+    f[52..54].copy_from_slice(&(EHDR as u16).to_le_bytes()); // e_ehsize
+    f[54..56].copy_from_slice(&(PHDR as u16).to_le_bytes()); // e_phentsize
+    f[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+    let p = &mut f[EHDR..EHDR + PHDR];
+    p[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    p[4..8].copy_from_slice(&5u32.to_le_bytes()); // R+X
+    p[8..16].copy_from_slice(&(CODE_OFFSET as u64).to_le_bytes()); // p_offset
+    p[16..24].copy_from_slice(&load_addr.to_le_bytes()); // p_vaddr
+    p[24..32].copy_from_slice(&load_addr.to_le_bytes()); // p_paddr
+    p[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes()); // p_filesz
+    p[40..48].copy_from_slice(&(code.len() as u64).to_le_bytes()); // p_memsz
+    p[48..56].copy_from_slice(&0x1000u64.to_le_bytes()); // p_align
+    f.extend_from_slice(code);
+    f
+}
+
+/// A console sink the test can read back.
+#[derive(Clone, Debug, Default)]
+pub struct Capture(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Capture {
+    /// Everything written so far, as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("capture lock")).into_owned()
+    }
+}
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("capture lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes `bytes` to a fresh file in a per-test temporary directory and returns its path.
+pub fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("memvisor-test-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).expect("write temp file");
+    path
+}
