@@ -27,7 +27,7 @@ pub const KERNEL_INIT_MILESTONE: &str = "Run /init as init process";
 
 /// Command-line additions for emulated-kernel hosts.
 pub const EMULATED_KERNEL_CMDLINE: &str = "tsc=reliable noxsave nopti \
-clearcpuid=smap,xsave,popcnt,avx,avx2,avx512f,bmi1,bmi2,movbe,fsgsbase,rdrand,rdseed,erms,fsrm,pcid,invpcid,rdpid";
+clearcpuid=smap,xsave,popcnt,avx,avx2,avx512f,bmi1,bmi2,movbe,fsgsbase,rdrand,rdseed,erms,fsrm,pcid,invpcid,rdpid,rep_good";
 
 const INT3: u8 = 0xcc;
 const BP_VECTOR: u8 = 3;
