@@ -206,7 +206,7 @@ impl GuestRam {
     /// Gives the pages of a guest range back to the host. They read as zero afterwards.
     /// `addr` and `len` must be page aligned; a failure is reported, never hidden.
     pub fn discard(&self, addr: GuestAddress, len: u64) -> Result<(), RamError> {
-        if addr.0 % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+        if !addr.0.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
             return Err(RamError::BadRange {
                 addr: addr.0,
                 size: len,
@@ -221,6 +221,22 @@ impl GuestRam {
             (libc::MADV_MERGEABLE, "MADV_MERGEABLE")
         } else {
             (libc::MADV_UNMERGEABLE, "MADV_UNMERGEABLE")
+        };
+        for r in &self.ranges {
+            self.madvise(r.start, r.size, advice, name)?;
+        }
+        Ok(())
+    }
+
+    /// Asks the host to back guest RAM with transparent huge pages (`MADV_HUGEPAGE`), or not.
+    /// Huge pages cut page faults 512-fold when the VMM loads the kernel and when the guest
+    /// first touches memory, and cut TLB misses for the guest. A discard of part of a huge page
+    /// splits it; the host frees the discarded part when it next reclaims split pages.
+    pub fn set_hugepages(&self, on: bool) -> Result<(), RamError> {
+        let (advice, name) = if on {
+            (libc::MADV_HUGEPAGE, "MADV_HUGEPAGE")
+        } else {
+            (libc::MADV_NOHUGEPAGE, "MADV_NOHUGEPAGE")
         };
         for r in &self.ranges {
             self.madvise(r.start, r.size, advice, name)?;
@@ -309,6 +325,17 @@ mod tests {
             ram.discard(GuestAddress(100), 4096),
             Err(RamError::BadRange { .. })
         ));
+    }
+
+    #[test]
+    fn hugepages_can_be_toggled() {
+        let ram = two_ranges();
+        // THP may be compiled out or set to "never"; then the advice may be refused, and we say so.
+        match ram.set_hugepages(true) {
+            Ok(()) => ram.set_hugepages(false).expect("no huge pages"),
+            Err(RamError::Madvise { advice, .. }) => assert_eq!(advice, "MADV_HUGEPAGE"),
+            Err(e) => panic!("unexpected error {e}"),
+        }
     }
 
     #[test]

@@ -120,7 +120,7 @@ mod tests {
         #[test]
         fn display_round_trips(v in 0u64..(1 << 50)) {
             let s = ByteSize(v).to_string();
-            prop_assert_eq!(s.parse::<ByteSize>().unwrap(), ByteSize(v));
+            prop_assert_eq!(s.parse::<ByteSize>().expect("display output parses"), ByteSize(v));
         }
     }
 }

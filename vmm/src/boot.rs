@@ -136,9 +136,7 @@ fn is_not_bzimage(e: &linux_loader::loader::bzimage::Error) -> bool {
 
 fn mem_size(mem: &GuestMemoryMmap) -> u64 {
     use vm_memory::GuestMemoryBackend;
-    mem.iter()
-        .map(|r| vm_memory::GuestMemoryRegion::len(r))
-        .sum()
+    mem.iter().map(vm_memory::GuestMemoryRegion::len).sum()
 }
 
 /// Where to put an initrd of `size` bytes: page aligned, as high as possible below `limit`,
@@ -156,11 +154,12 @@ pub fn load_initrd(
     mem_bytes: u64,
 ) -> Result<(u64, u32), BootError> {
     let shown = path.display().to_string();
-    let data = std::fs::read(path).map_err(|source| BootError::ReadInitrd {
+    let read_err = |source| BootError::ReadInitrd {
         path: shown.clone(),
         source,
-    })?;
-    let size = data.len() as u64;
+    };
+    let mut file = File::open(path).map_err(read_err)?;
+    let size = file.metadata().map_err(read_err)?.len();
     let mut limit = low_ram_end(mem_bytes);
     if let Some(max) = kernel
         .header
@@ -174,7 +173,8 @@ pub fn load_initrd(
     };
     let size32 = u32::try_from(size).map_err(|_| too_big())?;
     let addr = initrd_address(size, kernel.end, limit).ok_or_else(too_big)?;
-    mem.write_slice(&data, GuestAddress(addr))
+    // Straight from the file into guest RAM: no intermediate buffer to fault in and copy.
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
         .map_err(|_| BootError::Write("initrd"))?;
     Ok((addr, size32))
 }
@@ -288,7 +288,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("memvisor-boot-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("not-a-kernel");
-        std::fs::File::create(&path)
+        File::create(&path)
             .and_then(|mut f| f.write_all(&[0x42; 8192]))
             .expect("write");
         let e = load_kernel(&mem, &path).expect_err("not a kernel");

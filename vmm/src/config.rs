@@ -69,6 +69,14 @@ pub struct VmConfig {
     /// Guest RAM size.
     #[serde(default = "default_memory", with = "size_serde")]
     pub memory: ByteSize,
+    /// Back guest RAM with transparent huge pages (`MADV_HUGEPAGE`), as Cloud Hypervisor and
+    /// QEMU do by default.
+    #[serde(default = "default_thp")]
+    pub thp: bool,
+}
+
+fn default_thp() -> bool {
+    true
 }
 
 fn default_cpus() -> u8 {
@@ -87,6 +95,7 @@ impl VmConfig {
             cmdline: None,
             cpus: DEFAULT_CPUS,
             memory: DEFAULT_MEMORY,
+            thp: true,
         }
     }
 
@@ -118,7 +127,7 @@ impl VmConfig {
                 min: MIN_MEMORY,
             });
         }
-        if self.memory.bytes() % 4096 != 0 {
+        if !self.memory.bytes().is_multiple_of(4096) {
             return Err(ConfigError::MemoryUnaligned(self.memory.bytes()));
         }
         if let Some(host) = host_mem_bytes {

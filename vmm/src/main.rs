@@ -43,6 +43,17 @@ struct RunArgs {
     /// Guest RAM, e.g. 128M or 1G.
     #[arg(long, value_name = "SIZE")]
     memory: Option<ByteSize>,
+    /// Back guest RAM with transparent huge pages (default: on).
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    thp: Option<bool>,
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("expected on or off, got '{s}'")),
+    }
 }
 
 /// Where the default guest lives: `$MEMVISOR_GUEST_DIR`, else `target/guest` under the current
@@ -78,6 +89,9 @@ fn build_config(args: RunArgs, guest_dir: &Path) -> VmConfig {
     }
     if let Some(memory) = args.memory {
         config.memory = memory;
+    }
+    if let Some(thp) = args.thp {
+        config.thp = thp;
     }
     config
 }
@@ -125,6 +139,7 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
         .init();
 

@@ -189,8 +189,17 @@ impl Vm {
         };
         vm_fd.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
 
+        let phase =
+            |what: &str| tracing::debug!("{what} after {} µs", created.elapsed().as_micros());
+        phase("KVM VM created");
         let mem_bytes = config.memory.bytes();
         let ram = GuestRam::new(&layout::ram_ranges(mem_bytes))?;
+        if config.thp {
+            // Not fatal: a host without THP still runs the VM, with 4K pages.
+            if let Err(e) = ram.set_hugepages(true) {
+                tracing::warn!("guest RAM stays on 4K pages: {e}");
+            }
+        }
         for (slot, (range, host)) in ram.host_ranges().into_iter().enumerate() {
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -204,12 +213,15 @@ impl Vm {
             unsafe { vm_fd.set_user_memory_region(region) }.map_err(kvm_err("add guest RAM"))?;
         }
 
+        phase("guest RAM mapped");
         let mem = ram.memory();
         let kernel = boot::load_kernel(mem, &config.kernel)?;
+        phase("kernel loaded");
         let initrd = match &config.initrd {
             Some(path) => Some(boot::load_initrd(mem, path, &kernel, mem_bytes)?),
             None => None,
         };
+        phase("initrd loaded");
         let additions: Vec<&str> = compat.cmdline_additions().into_iter().collect();
         let cmdline = boot::build_cmdline(config.base_cmdline(), &additions)?;
         let cr3 = boot::configure_system(mem, &cmdline, &kernel, initrd, mem_bytes, config.cpus)?;
@@ -268,7 +280,7 @@ impl Vm {
                 shared: shared.clone(),
             });
         }
-        tracing::debug!("VM built in {} µs", created.elapsed().as_micros());
+        phase("VM built");
 
         Ok(Vm {
             config: config.clone(),

@@ -13,11 +13,22 @@ fn memvisor(args: &[&str]) -> Output {
 fn assert_one_line_error(out: &Output, needle: &str) {
     assert!(!out.status.success(), "status {:?}", out.status);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.contains("host KVM emulates")).collect();
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.contains("host KVM emulates"))
+        .collect();
     assert_eq!(lines.len(), 1, "expected one line, got: {stderr:?}");
-    assert!(lines[0].contains(needle), "{:?} does not mention {needle:?}", lines[0]);
+    assert!(
+        lines[0].contains(needle),
+        "{:?} does not mention {needle:?}",
+        lines[0]
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
-    assert!(out.stdout.is_empty(), "nothing on stdout: {:?}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.stdout.is_empty(),
+        "nothing on stdout: {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
@@ -87,7 +98,13 @@ fn memory_too_small_for_the_kernel_is_one_line() {
     ph[32..40].copy_from_slice(&0x100u64.to_le_bytes());
     ph[40..48].copy_from_slice(&0x100u64.to_le_bytes());
     let p = temp_file("far-kernel", &elf);
-    let out = memvisor(&["run", "--kernel", p.to_str().expect("utf8"), "--memory", "32M"]);
+    let out = memvisor(&[
+        "run",
+        "--kernel",
+        p.to_str().expect("utf8"),
+        "--memory",
+        "32M",
+    ]);
     assert_one_line_error(&out, "does not fit in 32 MiB");
 }
 
