@@ -8,6 +8,7 @@
 
 pub mod ram;
 pub mod size;
+pub mod swap;
 
 pub use ram::{DiscardRam, GuestRam, RamError, RamRange, PAGE_SIZE};
 pub use size::{parse_size, ByteSize, SizeError};

@@ -1,0 +1,1052 @@
+//! Per-VM hypervisor swap with userfaultfd.
+//!
+//! A [`Swapper`] owns one swap file for one VM. [`Swapper::swap_out`] writes the least recently
+//! written guest pages to the file and frees them on the host (`MADV_DONTNEED`); guest RAM is
+//! registered with userfaultfd, so a later access to such a page blocks in the kernel until the
+//! swapper's fault-handling thread installs it again from the file (`UFFDIO_COPY`). Pages that
+//! are all zero are not written: they come back as the zero page (`UFFDIO_ZEROPAGE`).
+//!
+//! A write racing a swap-out is never lost: pages are write-protected (userfaultfd
+//! write-protect) before they are copied, and a page written to before it is dropped stays in
+//! RAM. See `docs/swap.md` for the design, the state machine and failure handling.
+//!
+//! Lock order: the state machine before the page table; guest memory is never touched by the
+//! swapper while it holds the page table (a fault on it would need the table to be served).
+
+pub mod age;
+pub mod file;
+pub mod metrics;
+pub mod state;
+mod uffd;
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use serde::Serialize;
+use vm_memory::GuestAddress;
+
+use crate::{DiscardRam, GuestRam, RamError, PAGE_SIZE};
+
+pub use age::{Ages, DirtyLog};
+pub use file::{GuestPieces, SlotAllocator, SwapBacking, SwapFile};
+pub use metrics::{LatencyHistogram, SwapMetrics};
+pub use state::{StateMachine, SwapState, Transition};
+
+use uffd::{Resolve, Uffd};
+
+/// Errors of the swap subsystem.
+#[derive(Debug, thiserror::Error)]
+pub enum SwapError {
+    /// No userfaultfd for this process.
+    #[error("userfaultfd is not available")]
+    Userfaultfd(#[source] io::Error),
+    /// The kernel cannot write-protect anonymous memory through userfaultfd (Linux < 5.7).
+    #[error("this kernel has no userfaultfd write-protect for anonymous memory (Linux 5.7+)")]
+    NoWriteProtect,
+    /// Guest RAM could not be registered with userfaultfd.
+    #[error("cannot register guest RAM with userfaultfd")]
+    Register(#[source] io::Error),
+    /// The swap file could not be created.
+    #[error("cannot create a swap file in {dir}")]
+    CreateFile {
+        /// The swap directory.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The fault-handling thread could not be started.
+    #[error("cannot start the swap fault-handling thread")]
+    Thread(#[source] io::Error),
+    /// A range given to the swapper is not page aligned or not inside one guest RAM range.
+    #[error("guest range {addr:#x}+{len:#x} is not page-aligned guest RAM")]
+    BadRange {
+        /// Guest physical address.
+        addr: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// A host call on guest RAM failed (`mincore`, `madvise`, write-protect).
+    #[error("{op} failed on guest RAM")]
+    Host {
+        /// Which call.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The swapper has failed (see [`SwapState::Failed`]); the VM must be stopped.
+    #[error("swap failed: {0}")]
+    Failed(String),
+}
+
+/// Why a swapper failed, as passed to [`SwapOptions::on_failure`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SwapFailure {
+    /// A one-line reason.
+    pub reason: String,
+}
+
+/// Called once, from whichever thread detects it, when the swapper enters
+/// [`SwapState::Failed`]. The VMM stops the VM from here (e.g. sends on a channel or signals an
+/// eventfd its event loop waits on); it must not call back into the swapper.
+pub type FailureCallback = Arc<dyn Fn(&SwapFailure) + Send + Sync>;
+
+/// How a [`Swapper`] works.
+#[derive(Clone)]
+pub struct SwapOptions {
+    /// Pages write-protected, copied and written per step of a swap-out (default 256 = 1 MiB).
+    pub batch_pages: usize,
+    /// Told when the swapper fails (see [`FailureCallback`]).
+    pub on_failure: Option<FailureCallback>,
+}
+
+impl Default for SwapOptions {
+    fn default() -> Self {
+        SwapOptions {
+            batch_pages: 256,
+            on_failure: None,
+        }
+    }
+}
+
+impl fmt::Debug for SwapOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SwapOptions")
+            .field("batch_pages", &self.batch_pages)
+            .field("on_failure", &self.on_failure.is_some())
+            .finish()
+    }
+}
+
+/// What one [`Swapper::swap_out`] call did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SwapReport {
+    /// Pages in swap after the call.
+    pub swapped_pages: u64,
+    /// Pages written to the file by this call.
+    pub pages_written: u64,
+    /// All-zero pages dropped without being written.
+    pub zero_pages: u64,
+    /// Pages kept in RAM because the guest wrote them during the swap-out.
+    pub raced_pages: u64,
+    /// Pages brought back by this call.
+    pub pages_swapped_in: u64,
+    /// Write errors (those pages stayed in RAM).
+    pub write_errors: u64,
+    /// Wall time of the call in microseconds.
+    pub elapsed_us: u64,
+}
+
+/// What `GET /api/v1/vms/{id}/swap` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct SwapStatus {
+    /// Current state.
+    pub state: SwapState,
+    /// Why the swapper failed, if it did.
+    pub failure: Option<String>,
+    /// Guest pages not in RAM because of swap (written to the file, or all-zero).
+    pub swapped_pages: u64,
+    /// Of those, the all-zero pages (no slot in the file).
+    pub zero_pages: u64,
+    /// The swap file.
+    pub file_path: Option<PathBuf>,
+    /// The swap file's length in bytes (never more than guest RAM).
+    pub file_size_bytes: u64,
+    /// Missing faults served from the file.
+    pub faults_served: u64,
+    /// Missing faults served with the zero page.
+    pub zero_faults: u64,
+    /// Write-protect faults (writes racing a swap-out).
+    pub wp_faults: u64,
+    /// Median time from reading a fault to waking the faulting thread, in µs.
+    pub fault_latency_p50_us: u64,
+    /// 99th percentile of the same, in µs.
+    pub fault_latency_p99_us: u64,
+    /// Bytes written to the file.
+    pub bytes_written: u64,
+    /// Bytes read back from the file.
+    pub bytes_read: u64,
+    /// Pages brought back by swap-in (not by faults).
+    pub pages_swapped_in: u64,
+    /// Pages kept in RAM because a write raced their swap-out.
+    pub raced_pages: u64,
+    /// Failed writes (pages stayed in RAM).
+    pub write_errors: u64,
+    /// Failed reads.
+    pub read_errors: u64,
+    /// All errors.
+    pub errors: u64,
+    /// Dirty-log intervals sampled into page ages.
+    pub age_samples: u64,
+    /// Recent state transitions, oldest first.
+    pub transitions: Vec<Transition>,
+}
+
+// Page table entries: a slot number, or one of these.
+const IN_RAM: u32 = u32::MAX;
+const ZERO: u32 = u32::MAX - 1;
+/// Write-protected and being copied out.
+const OUTGOING: u32 = u32::MAX - 2;
+/// Was `OUTGOING`, then written to (or discarded): it stays in RAM.
+const RACED: u32 = u32::MAX - 3;
+const MAX_PAGES: u64 = RACED as u64;
+
+#[derive(Debug)]
+struct Table {
+    pages: Vec<u32>,
+    slots: SlotAllocator,
+    /// Pages in a slot or `ZERO`.
+    swapped: u64,
+    zero: u64,
+}
+
+impl Table {
+    /// Marks page `g` as back in RAM, giving up whatever it held.
+    fn release(&mut self, g: usize) {
+        match self.pages[g] {
+            IN_RAM | OUTGOING | RACED => {}
+            ZERO => {
+                self.zero -= 1;
+                self.swapped -= 1;
+            }
+            slot => {
+                self.slots.free(slot);
+                self.swapped -= 1;
+            }
+        }
+        self.pages[g] = IN_RAM;
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct RangeInfo {
+    guest: u64,
+    host: u64,
+    len: u64,
+    first_page: usize,
+}
+
+struct Shared {
+    uffd: Uffd,
+    /// Keeps the mappings alive for as long as the fd, the handler and the writes use them.
+    _ram: GuestRam,
+    ranges: Vec<RangeInfo>,
+    table: Mutex<Table>,
+    backing: Box<dyn SwapBacking>,
+    file_len: AtomicU64,
+    metrics: SwapMetrics,
+    latency: LatencyHistogram,
+    machine: Mutex<StateMachine>,
+    on_failure: Option<FailureCallback>,
+    stopping: AtomicBool,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("ranges", &self.ranges)
+            .field("backing", &self.backing)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a swap lock is already reported as a failure (the thread guard);
+    // the data stays consistent enough to report status and shut down.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn locate(&self, host_addr: u64) -> Option<(usize, u64)> {
+        self.ranges.iter().find_map(|r| {
+            (host_addr >= r.host && host_addr < r.host + r.len).then(|| {
+                let page = (host_addr - r.host) / PAGE_SIZE;
+                (r.first_page + page as usize, r.host + page * PAGE_SIZE)
+            })
+        })
+    }
+
+    fn host_addr(&self, g: usize) -> u64 {
+        let r = self
+            .ranges
+            .iter()
+            .rev()
+            .find(|r| r.first_page <= g)
+            .expect("page index inside guest RAM");
+        r.host + (g - r.first_page) as u64 * PAGE_SIZE
+    }
+
+    fn runs(&self, sorted: &[usize]) -> Vec<(usize, u64)> {
+        let breaks: Vec<usize> = self.ranges.iter().map(|r| r.first_page).collect();
+        runs_within(sorted, &breaks)
+    }
+
+    fn swapped(&self) -> u64 {
+        lock(&self.table).swapped
+    }
+
+    /// Enters `Failed` and tells the VMM, once.
+    fn fail(&self, reason: String) {
+        let swapped = self.swapped();
+        let newly = lock(&self.machine).fail(reason.clone(), swapped);
+        if newly {
+            tracing::error!("swap failed: {reason}");
+            if let Some(cb) = &self.on_failure {
+                cb(&SwapFailure { reason });
+            }
+        }
+    }
+
+    fn failed(&self) -> Option<String> {
+        let m = lock(&self.machine);
+        (m.state() == SwapState::Failed).then(|| m.failure().unwrap_or("failed").to_string())
+    }
+
+    fn read_slot(&self, slot: u32, buf: &mut [u8]) -> io::Result<()> {
+        let mut last = None;
+        for _ in 0..3 {
+            match self.backing.read_at(buf, file::slot_offset(slot)) {
+                Ok(()) => {
+                    SwapMetrics::add(&self.metrics.bytes_read, buf.len() as u64);
+                    return Ok(());
+                }
+                Err(e) => {
+                    SwapMetrics::add(&self.metrics.read_errors, 1);
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.expect("three attempts were made"))
+    }
+
+    /// Brings page `g` back into RAM if it is in swap; the caller holds the table.
+    fn swap_in_locked(&self, t: &mut Table, g: usize, buf: &mut PageBuf) -> Result<bool, String> {
+        let addr = self.host_addr(g);
+        match t.pages[g] {
+            ZERO => {
+                self.uffd
+                    .zeropage(addr, PAGE_SIZE)
+                    .map_err(|e| format!("UFFDIO_ZEROPAGE at {addr:#x} failed: {e}"))?;
+            }
+            IN_RAM | OUTGOING | RACED => return Ok(false),
+            slot => {
+                self.read_slot(slot, &mut buf.0)
+                    .map_err(|e| format!("cannot read swap slot {slot}: {e}"))?;
+                self.uffd
+                    .copy(addr, &buf.0)
+                    .map_err(|e| format!("UFFDIO_COPY at {addr:#x} failed: {e}"))?;
+            }
+        }
+        t.release(g);
+        Ok(true)
+    }
+
+    /// Serves one fault. An error is fatal: a faulting thread may stay blocked.
+    fn handle_fault(
+        &self,
+        f: uffd::Fault,
+        buf: &mut PageBuf,
+        start: Instant,
+    ) -> Result<(), String> {
+        let Some((g, addr)) = self.locate(f.address) else {
+            // Not ours (cannot happen: only guest RAM is registered); do not leave it blocked.
+            let page = f.address & !(PAGE_SIZE - 1);
+            return self
+                .uffd
+                .wake(page, PAGE_SIZE)
+                .map_err(|e| format!("UFFDIO_WAKE at {page:#x} failed: {e}"));
+        };
+        let mut t = lock(&self.table);
+        if f.is_wp() {
+            SwapMetrics::add(&self.metrics.wp_faults, 1);
+            if t.pages[g] == OUTGOING {
+                t.pages[g] = RACED;
+            }
+            // Clearing the protection wakes the writer; it runs once we drop the table, and a
+            // page already dropped by the swap-out simply faults again as missing.
+            return self
+                .uffd
+                .write_protect(addr, PAGE_SIZE, false)
+                .map_err(|e| format!("clearing write protection at {addr:#x} failed: {e}"));
+        }
+        match t.pages[g] {
+            IN_RAM | ZERO | OUTGOING | RACED => {
+                // Never touched, discarded, or swapped out as zero: a zero page is the content.
+                if t.pages[g] == OUTGOING {
+                    t.pages[g] = RACED;
+                }
+                if t.pages[g] == ZERO {
+                    t.release(g);
+                }
+                self.uffd
+                    .zeropage(addr, PAGE_SIZE)
+                    .map_err(|e| format!("UFFDIO_ZEROPAGE at {addr:#x} failed: {e}"))?;
+                SwapMetrics::add(&self.metrics.zero_faults, 1);
+            }
+            slot => {
+                self.read_slot(slot, &mut buf.0)
+                    .map_err(|e| format!("cannot read swap slot {slot}: {e}"))?;
+                let r = self
+                    .uffd
+                    .copy(addr, &buf.0)
+                    .map_err(|e| format!("UFFDIO_COPY at {addr:#x} failed: {e}"))?;
+                debug_assert_eq!(r, Resolve::Done, "a swapped page was mapped");
+                t.release(g);
+                SwapMetrics::add(&self.metrics.faults_served, 1);
+                self.latency
+                    .record_us(start.elapsed().as_micros().try_into().unwrap_or(u64::MAX));
+            }
+        }
+        Ok(())
+    }
+
+    fn run_handler(&self, stop: &uffd::EventFd) -> Result<(), String> {
+        let mut faults = Vec::with_capacity(16);
+        let mut buf = PageBuf([0; PAGE_SIZE as usize]);
+        loop {
+            let ready = uffd::poll2(self.uffd.raw_fd(), stop.raw_fd())
+                .map_err(|e| format!("poll on userfaultfd failed: {e}"))?;
+            if ready.stop {
+                return Ok(());
+            }
+            if !ready.uffd {
+                continue;
+            }
+            self.uffd
+                .read_faults(&mut faults)
+                .map_err(|e| format!("reading userfaultfd failed: {e}"))?;
+            let start = Instant::now();
+            for f in faults.iter() {
+                self.handle_fault(*f, &mut buf, start)?;
+            }
+        }
+    }
+}
+
+/// A page-aligned page buffer (the source of `UFFDIO_COPY`).
+#[repr(C, align(4096))]
+struct PageBuf([u8; PAGE_SIZE as usize]);
+
+/// Reports the fault-handling thread's end, however it ends.
+struct HandlerGuard(Arc<Shared>);
+
+impl Drop for HandlerGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0
+                .fail("the swap fault-handling thread panicked".to_string());
+        } else if !self.0.stopping.load(Ordering::Acquire) {
+            self.0
+                .fail("the swap fault-handling thread exited".to_string());
+        }
+    }
+}
+
+/// Per-VM swap: see the module documentation.
+pub struct Swapper {
+    shared: Arc<Shared>,
+    handler: Mutex<Option<JoinHandle<()>>>,
+    stop: Arc<uffd::EventFd>,
+    /// Serializes swap-out and swap-in calls.
+    op: Mutex<()>,
+    ages: Mutex<Ages>,
+    batch_pages: usize,
+}
+
+impl fmt::Debug for Swapper {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Swapper")
+            .field("shared", &self.shared)
+            .field("batch_pages", &self.batch_pages)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Swapper {
+    /// Creates a swap file with a unique name in `dir`, registers all of `ram` with userfaultfd
+    /// and starts the fault-handling thread. Nothing is swapped until [`Swapper::swap_out`].
+    pub fn new(ram: &GuestRam, dir: &Path, options: SwapOptions) -> Result<Self, SwapError> {
+        let file = SwapFile::create(dir).map_err(|source| SwapError::CreateFile {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+        Self::with_backing(ram, Box::new(file), options)
+    }
+
+    /// Like [`Swapper::new`] with the given storage (tests inject failures through it).
+    pub fn with_backing(
+        ram: &GuestRam,
+        backing: Box<dyn SwapBacking>,
+        options: SwapOptions,
+    ) -> Result<Self, SwapError> {
+        let features = uffd::probe_features().map_err(SwapError::Userfaultfd)?;
+        if features & uffd::FEATURE_PAGEFAULT_FLAG_WP == 0 {
+            return Err(SwapError::NoWriteProtect);
+        }
+        let uffd = Uffd::new(uffd::FEATURE_PAGEFAULT_FLAG_WP).map_err(SwapError::Userfaultfd)?;
+        let mut ranges = Vec::new();
+        let mut total = 0usize;
+        for (range, ptr) in ram.host_ranges() {
+            ranges.push(RangeInfo {
+                guest: range.start.0,
+                host: ptr as u64,
+                len: range.size,
+                first_page: total,
+            });
+            total += (range.size / PAGE_SIZE) as usize;
+        }
+        if total as u64 >= MAX_PAGES {
+            return Err(SwapError::BadRange {
+                addr: 0,
+                len: ram.size_bytes(),
+            });
+        }
+        // Bits of the ioctls the kernel must allow on the range: COPY (3), ZEROPAGE (4) and
+        // WRITEPROTECT (6).
+        const NEEDED: u64 = (1 << 3) | (1 << 4) | (1 << 6);
+        for r in &ranges {
+            let allowed = uffd
+                .register(r.host, r.len, true)
+                .map_err(SwapError::Register)?;
+            if allowed & NEEDED != NEEDED {
+                return Err(SwapError::NoWriteProtect);
+            }
+        }
+        let pages_per_range: Vec<usize> = ranges
+            .iter()
+            .map(|r| (r.len / PAGE_SIZE) as usize)
+            .collect();
+        let shared = Arc::new(Shared {
+            uffd,
+            _ram: ram.clone(),
+            ranges,
+            table: Mutex::new(Table {
+                pages: vec![IN_RAM; total],
+                slots: SlotAllocator::new(total as u32),
+                swapped: 0,
+                zero: 0,
+            }),
+            backing,
+            file_len: AtomicU64::new(0),
+            metrics: SwapMetrics::default(),
+            latency: LatencyHistogram::new(),
+            machine: Mutex::new(StateMachine::new()),
+            on_failure: options.on_failure,
+            stopping: AtomicBool::new(false),
+        });
+        let stop = Arc::new(uffd::EventFd::new().map_err(SwapError::Thread)?);
+        let thread_shared = Arc::clone(&shared);
+        let thread_stop = Arc::clone(&stop);
+        let handler = std::thread::Builder::new()
+            .name("swap-faults".into())
+            .spawn(move || {
+                let guard = HandlerGuard(thread_shared);
+                if let Err(reason) = guard.0.run_handler(&thread_stop) {
+                    guard.0.fail(reason);
+                }
+            })
+            .map_err(SwapError::Thread)?;
+        Ok(Swapper {
+            shared,
+            handler: Mutex::new(Some(handler)),
+            stop,
+            op: Mutex::new(()),
+            ages: Mutex::new(Ages::new(&pages_per_range)),
+            batch_pages: options.batch_pages.max(1),
+        })
+    }
+
+    /// Fails the swapper if the fault-handling thread is gone; returns the failure, if any.
+    fn check_alive(&self) -> Result<(), SwapError> {
+        let finished = lock(&self.handler).as_ref().is_none_or(|h| h.is_finished());
+        if finished && !self.shared.stopping.load(Ordering::Acquire) {
+            self.shared
+                .fail("the swap fault-handling thread is gone".to_string());
+        }
+        match self.shared.failed() {
+            Some(reason) => Err(SwapError::Failed(reason)),
+            None => Ok(()),
+        }
+    }
+
+    /// Samples one interval of the dirty log into the page ages (call it periodically, e.g. on
+    /// every scheduler tick).
+    pub fn sample_ages(&self, log: &mut dyn DirtyLog) -> io::Result<()> {
+        lock(&self.ages).sample(log)
+    }
+
+    /// A copy of the current page ages.
+    pub fn ages(&self) -> Ages {
+        lock(&self.ages).clone()
+    }
+
+    /// Swaps out, oldest pages first, until `target_bytes` of guest RAM are in swap, or brings
+    /// pages back until no more than that is; `0` brings everything back. Pages that are not
+    /// resident cost the host nothing and are skipped, so the target may not be reached.
+    pub fn swap_out(&self, target_bytes: u64) -> Result<SwapReport, SwapError> {
+        let _op = lock(&self.op);
+        self.check_alive()?;
+        let start = Instant::now();
+        let total = lock(&self.shared.table).pages.len() as u64;
+        let target = target_bytes.div_ceil(PAGE_SIZE).min(total);
+        let swapped = self.shared.swapped();
+        let mut report = SwapReport::default();
+        if target != swapped {
+            let going = if target > swapped {
+                SwapState::SwappingOut
+            } else {
+                SwapState::SwappingIn
+            };
+            lock(&self.shared.machine).go(going, 0, swapped);
+            let outcome = if going == SwapState::SwappingOut {
+                self.do_swap_out(target - swapped, &mut report)
+            } else {
+                self.do_swap_in(swapped - target, &mut report)
+            };
+            let now_swapped = self.shared.swapped();
+            let moved = report.pages_written + report.zero_pages + report.pages_swapped_in;
+            let next = if now_swapped == 0 {
+                SwapState::Idle
+            } else {
+                SwapState::Active
+            };
+            // Refused (and harmless) if the swapper failed meanwhile.
+            lock(&self.shared.machine).go(next, moved, now_swapped);
+            outcome?;
+        }
+        self.shrink_file();
+        report.swapped_pages = self.shared.swapped();
+        report.elapsed_us = start.elapsed().as_micros() as u64;
+        self.check_alive()?;
+        Ok(report)
+    }
+
+    fn shrink_file(&self) {
+        let len = u64::from(lock(&self.shared.table).slots.high_water()) * PAGE_SIZE;
+        if len < self.shared.file_len.load(Ordering::Relaxed) {
+            match self.shared.backing.set_len(len) {
+                Ok(()) => self.shared.file_len.store(len, Ordering::Relaxed),
+                Err(e) => {
+                    SwapMetrics::add(&self.shared.metrics.other_errors, 1);
+                    tracing::warn!("cannot shrink the swap file: {e}");
+                }
+            }
+        }
+    }
+
+    fn do_swap_out(&self, want: u64, report: &mut SwapReport) -> Result<(), SwapError> {
+        let sh = &self.shared;
+        let mut resident: Vec<Vec<u8>> = Vec::with_capacity(sh.ranges.len());
+        for r in &sh.ranges {
+            let mut v = Vec::new();
+            uffd::mincore(r.host, r.len, &mut v).map_err(|source| SwapError::Host {
+                op: "mincore",
+                source,
+            })?;
+            resident.push(v);
+        }
+        let candidates = {
+            let ages = lock(&self.ages);
+            let t = lock(&sh.table);
+            ages.oldest_first(|r, p| {
+                resident[r][p] & 1 != 0 && t.pages[sh.ranges[r].first_page + p] == IN_RAM
+            })
+        };
+        let mut done = 0u64;
+        let mut next = 0usize;
+        while done < want && next < candidates.len() {
+            let n = (self.batch_pages as u64).min(want - done) as usize;
+            let end = (next + n).min(candidates.len());
+            let mut batch: Vec<usize> = candidates[next..end]
+                .iter()
+                .map(|(r, p)| sh.ranges[*r].first_page + p)
+                .collect();
+            next = end;
+            batch.sort_unstable();
+            let out = self.swap_out_batch(&batch)?;
+            done += out.swapped;
+            report.pages_written += out.written;
+            report.zero_pages += out.zero;
+            report.raced_pages += out.raced;
+            if out.write_failed {
+                report.write_errors += 1;
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Write-protects, copies, writes and drops one batch of pages (sorted page indices).
+    fn swap_out_batch(&self, batch: &[usize]) -> Result<BatchOut, SwapError> {
+        let sh = &self.shared;
+        let mut out = BatchOut::default();
+        // 1. Claim the pages.
+        let pages: Vec<usize> = {
+            let mut t = lock(&sh.table);
+            batch
+                .iter()
+                .copied()
+                .filter(|g| {
+                    let free = t.pages[*g] == IN_RAM;
+                    if free {
+                        t.pages[*g] = OUTGOING;
+                    }
+                    free
+                })
+                .collect()
+        };
+        // 2. Write-protect them: from here on a write faults to the handler, which marks the
+        //    page RACED before letting the write through.
+        for (first, count) in sh.runs(&pages) {
+            let addr = sh.host_addr(first);
+            if let Err(source) = sh.uffd.write_protect(addr, count * PAGE_SIZE, true) {
+                SwapMetrics::add(&sh.metrics.other_errors, 1);
+                self.abandon(&pages);
+                return Err(SwapError::Host {
+                    op: "UFFDIO_WRITEPROTECT",
+                    source,
+                });
+            }
+        }
+        // 3. Find the zero pages (no lock held: reading may fault).
+        let mut nonzero: Vec<usize> = Vec::with_capacity(pages.len());
+        let mut is_zero = vec![false; pages.len()];
+        for (i, g) in pages.iter().enumerate() {
+            if uffd::page_is_zero(sh.host_addr(*g)) {
+                is_zero[i] = true;
+            } else {
+                nonzero.push(i);
+            }
+        }
+        // 4. Slots, lowest first, in page order.
+        let slots: Vec<u32> = {
+            let mut t = lock(&sh.table);
+            nonzero
+                .iter()
+                .map(|_| t.slots.alloc().expect("one slot per guest page at most"))
+                .collect()
+        };
+        // 5. Write runs of consecutive slots straight from guest RAM (stable: write-protected;
+        //    a page written meanwhile is dropped from the batch in step 6 anyway).
+        let mut written_ok = vec![false; nonzero.len()];
+        let mut k = 0;
+        while k < slots.len() {
+            let mut e = k + 1;
+            while e < slots.len() && slots[e] == slots[e - 1] + 1 {
+                e += 1;
+            }
+            let mut run = GuestPieces::default();
+            for i in &nonzero[k..e] {
+                run.push(sh.host_addr(pages[*i]), PAGE_SIZE as usize);
+            }
+            let offset = file::slot_offset(slots[k]);
+            match sh.backing.write_pages_at(&run, offset) {
+                Ok(()) => {
+                    written_ok[k..e].iter_mut().for_each(|w| *w = true);
+                    SwapMetrics::add(&sh.metrics.bytes_written, run.len_bytes());
+                    SwapMetrics::add(&sh.metrics.pages_written, (e - k) as u64);
+                    sh.file_len
+                        .fetch_max(offset + run.len_bytes(), Ordering::Relaxed);
+                }
+                Err(err) => {
+                    SwapMetrics::add(&sh.metrics.write_errors, 1);
+                    tracing::warn!("swap file write failed, pages stay in RAM: {err}");
+                    out.write_failed = true;
+                    break;
+                }
+            }
+            k = e;
+        }
+        // 6. Commit under the table: a page not written to since step 2 is dropped; the
+        //    handler cannot let a write through meanwhile, as it needs the table to do so.
+        let mut slot_of: Vec<Option<u32>> = vec![None; pages.len()];
+        for (j, i) in nonzero.iter().enumerate() {
+            if written_ok[j] {
+                slot_of[*i] = Some(slots[j]);
+            }
+        }
+        let mut t = lock(&sh.table);
+        for (j, _) in nonzero.iter().enumerate() {
+            if !written_ok[j] {
+                t.slots.free(slots[j]);
+            }
+        }
+        let mut drop_list = Vec::with_capacity(pages.len());
+        let mut unprotect = Vec::new();
+        for (i, g) in pages.iter().enumerate() {
+            match (t.pages[*g], is_zero[i], slot_of[i]) {
+                (RACED, _, slot) => {
+                    if let Some(s) = slot {
+                        t.slots.free(s);
+                    }
+                    t.pages[*g] = IN_RAM;
+                    out.raced += 1;
+                }
+                (OUTGOING, true, _) => drop_list.push((*g, ZERO)),
+                (OUTGOING, false, Some(s)) => drop_list.push((*g, s)),
+                (OUTGOING, false, None) => {
+                    t.pages[*g] = IN_RAM;
+                    unprotect.push(*g);
+                }
+                (other, _, _) => unreachable!("claimed page in state {other:#x}"),
+            }
+        }
+        let dropped: Vec<usize> = drop_list.iter().map(|(g, _)| *g).collect();
+        let mut failed_drop = None;
+        for (first, count) in sh.runs(&dropped) {
+            if let Err(e) = uffd::dontneed(sh.host_addr(first), count * PAGE_SIZE) {
+                failed_drop = Some(e);
+                break;
+            }
+        }
+        if let Some(source) = failed_drop {
+            // Some pages may still be mapped: keep all of them, data intact.
+            SwapMetrics::add(&sh.metrics.other_errors, 1);
+            for (g, s) in &drop_list {
+                if *s != ZERO {
+                    t.slots.free(*s);
+                }
+                t.pages[*g] = IN_RAM;
+                unprotect.push(*g);
+            }
+            unprotect.sort_unstable();
+            self.unprotect_locked(&unprotect);
+            drop(t);
+            return Err(SwapError::Host {
+                op: "MADV_DONTNEED",
+                source,
+            });
+        }
+        for (g, s) in &drop_list {
+            t.pages[*g] = *s;
+            t.swapped += 1;
+            if *s == ZERO {
+                t.zero += 1;
+                out.zero += 1;
+            } else {
+                out.written += 1;
+            }
+        }
+        out.swapped = drop_list.len() as u64;
+        unprotect.sort_unstable();
+        self.unprotect_locked(&unprotect);
+        drop(t);
+        SwapMetrics::add(&sh.metrics.raced_pages, out.raced);
+        Ok(out)
+    }
+
+    /// Clears write protection on sorted pages (the caller holds the table).
+    fn unprotect_locked(&self, pages: &[usize]) {
+        for (first, count) in self.shared.runs(pages) {
+            let addr = self.shared.host_addr(first);
+            if let Err(e) = self
+                .shared
+                .uffd
+                .write_protect(addr, count * PAGE_SIZE, false)
+            {
+                // A write to these pages will fault and the handler clears it then.
+                SwapMetrics::add(&self.shared.metrics.other_errors, 1);
+                tracing::warn!("clearing write protection failed: {e}");
+            }
+        }
+    }
+
+    /// Returns claimed pages to RAM after an aborted batch.
+    fn abandon(&self, pages: &[usize]) {
+        let mut t = lock(&self.shared.table);
+        for g in pages {
+            t.pages[*g] = IN_RAM;
+        }
+        self.unprotect_locked(pages);
+    }
+
+    fn do_swap_in(&self, want: u64, report: &mut SwapReport) -> Result<(), SwapError> {
+        let sh = &self.shared;
+        let candidates: Vec<usize> = {
+            let t = lock(&sh.table);
+            (0..t.pages.len())
+                .filter(|g| !matches!(t.pages[*g], IN_RAM | OUTGOING | RACED))
+                .take(want as usize)
+                .collect()
+        };
+        let mut buf = PageBuf([0; PAGE_SIZE as usize]);
+        for chunk in candidates.chunks(64) {
+            let mut t = lock(&sh.table);
+            for g in chunk {
+                match sh.swap_in_locked(&mut t, *g, &mut buf) {
+                    Ok(true) => report.pages_swapped_in += 1,
+                    Ok(false) => {}
+                    Err(reason) => {
+                        drop(t);
+                        sh.fail(reason.clone());
+                        return Err(SwapError::Failed(reason));
+                    }
+                }
+            }
+        }
+        SwapMetrics::add(&sh.metrics.pages_swapped_in, report.pages_swapped_in);
+        Ok(())
+    }
+
+    /// Forgets the pages of a guest range (the balloon discarded them): they give up their swap
+    /// slot, their host pages are dropped, and they read as zero afterwards.
+    pub fn forget(&self, addr: GuestAddress, len: u64) -> Result<(), SwapError> {
+        let sh = &self.shared;
+        let bad = || SwapError::BadRange { addr: addr.0, len };
+        if !addr.0.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+            return Err(bad());
+        }
+        let r = sh
+            .ranges
+            .iter()
+            .find(|r| addr.0 >= r.guest && addr.0 + len <= r.guest + r.len)
+            .ok_or_else(bad)?;
+        let first = r.first_page + ((addr.0 - r.guest) / PAGE_SIZE) as usize;
+        let count = (len / PAGE_SIZE) as usize;
+        let host = r.host + (addr.0 - r.guest);
+        let mut t = lock(&sh.table);
+        for g in first..first + count {
+            if t.pages[g] == OUTGOING {
+                t.pages[g] = RACED;
+            } else if t.pages[g] != RACED {
+                t.release(g);
+            }
+        }
+        if len > 0 {
+            uffd::dontneed(host, len).map_err(|source| SwapError::Host {
+                op: "MADV_DONTNEED",
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The state and counters (`GET /api/v1/vms/{id}/swap`).
+    pub fn status(&self) -> SwapStatus {
+        let _ = self.check_alive();
+        let sh = &self.shared;
+        let m = &sh.metrics;
+        let (swapped, zero) = {
+            let t = lock(&sh.table);
+            (t.swapped, t.zero)
+        };
+        let (state, failure, transitions) = {
+            let mach = lock(&sh.machine);
+            (
+                mach.state(),
+                mach.failure().map(str::to_string),
+                mach.history().cloned().collect(),
+            )
+        };
+        let write_errors = SwapMetrics::get(&m.write_errors);
+        let read_errors = SwapMetrics::get(&m.read_errors);
+        SwapStatus {
+            state,
+            failure,
+            swapped_pages: swapped,
+            zero_pages: zero,
+            file_path: sh.backing.path().map(Path::to_path_buf),
+            file_size_bytes: sh.file_len.load(Ordering::Relaxed),
+            faults_served: SwapMetrics::get(&m.faults_served),
+            zero_faults: SwapMetrics::get(&m.zero_faults),
+            wp_faults: SwapMetrics::get(&m.wp_faults),
+            fault_latency_p50_us: sh.latency.quantile_us(0.50),
+            fault_latency_p99_us: sh.latency.quantile_us(0.99),
+            bytes_written: SwapMetrics::get(&m.bytes_written),
+            bytes_read: SwapMetrics::get(&m.bytes_read),
+            pages_swapped_in: SwapMetrics::get(&m.pages_swapped_in),
+            raced_pages: SwapMetrics::get(&m.raced_pages),
+            write_errors,
+            read_errors,
+            errors: write_errors + read_errors + SwapMetrics::get(&m.other_errors),
+            age_samples: lock(&self.ages).samples(),
+            transitions,
+        }
+    }
+
+    /// The status as `(name, value)` pairs for `GET /metrics` (the VMM adds the VM label).
+    pub fn metrics(&self) -> Vec<(&'static str, u64)> {
+        let s = self.status();
+        vec![
+            ("swap_state", s.state.code()),
+            ("swap_swapped_pages", s.swapped_pages),
+            ("swap_zero_pages", s.zero_pages),
+            ("swap_file_size_bytes", s.file_size_bytes),
+            ("swap_faults_served", s.faults_served),
+            ("swap_zero_faults", s.zero_faults),
+            ("swap_wp_faults", s.wp_faults),
+            ("swap_fault_latency_p50_us", s.fault_latency_p50_us),
+            ("swap_fault_latency_p99_us", s.fault_latency_p99_us),
+            ("swap_bytes_written", s.bytes_written),
+            ("swap_bytes_read", s.bytes_read),
+            ("swap_pages_swapped_in", s.pages_swapped_in),
+            ("swap_raced_pages", s.raced_pages),
+            ("swap_write_errors", s.write_errors),
+            ("swap_read_errors", s.read_errors),
+            ("swap_errors", s.errors),
+        ]
+    }
+}
+
+impl Drop for Swapper {
+    fn drop(&mut self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        if let Err(e) = self.stop.signal() {
+            tracing::error!("cannot stop the swap fault-handling thread: {e}");
+            return;
+        }
+        if let Some(h) = lock(&self.handler).take() {
+            // A panic there was already reported through the failure callback.
+            let _ = h.join();
+        }
+        // Closing the userfaultfd (with `shared`) unregisters guest RAM and wakes any thread
+        // still blocked on it.
+    }
+}
+
+impl DiscardRam for Swapper {
+    fn discard_range(&self, addr: GuestAddress, len: u64) -> Result<(), RamError> {
+        self.forget(addr, len).map_err(|e| match e {
+            SwapError::Host { op, source } => RamError::Madvise { advice: op, source },
+            _ => RamError::BadRange {
+                addr: addr.0,
+                size: len,
+            },
+        })
+    }
+}
+
+#[derive(Debug, Default)]
+struct BatchOut {
+    swapped: u64,
+    written: u64,
+    zero: u64,
+    raced: u64,
+    write_failed: bool,
+}
+
+/// Runs of consecutive page indices in a sorted list, as (first, count). `breaks` holds the
+/// first page of each guest RAM range: a run never crosses one, so it is contiguous on the host.
+fn runs_within(sorted: &[usize], breaks: &[usize]) -> Vec<(usize, u64)> {
+    let mut out: Vec<(usize, u64)> = Vec::new();
+    for g in sorted {
+        match out.last_mut() {
+            Some((first, count))
+                if *first + *count as usize == *g && breaks.binary_search(g).is_err() =>
+            {
+                *count += 1
+            }
+            _ => out.push((*g, 1)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;
