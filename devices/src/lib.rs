@@ -5,12 +5,15 @@
 //! - [`legacy`]: the 16550 serial console (vm-superio) and the i8042 controller (reset only).
 //! - [`interrupt`]: the edge-triggered interrupt a device raises (an eventfd that the `vmm`
 //!   crate registers as a KVM irqfd), with a fake for tests.
+//! - [`virtio`]: the `VirtioDevice` trait, the virtio-mmio transport, the virtio interrupt and
+//!   the conformance tests every virtio device runs.
 //!
 //! The crate knows nothing about KVM; the `vmm` crate does the wiring.
 
 pub mod bus;
 pub mod interrupt;
 pub mod legacy;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use interrupt::EventFdTrigger;
