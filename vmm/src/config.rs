@@ -73,6 +73,9 @@ pub struct VmConfig {
     /// QEMU do by default.
     #[serde(default = "default_thp")]
     pub thp: bool,
+    /// A virtio-balloon device, if any.
+    #[serde(default)]
+    pub balloon: Option<balloon::BalloonConfig>,
 }
 
 fn default_thp() -> bool {
@@ -96,6 +99,7 @@ impl VmConfig {
             cpus: DEFAULT_CPUS,
             memory: DEFAULT_MEMORY,
             thp: true,
+            balloon: None,
         }
     }
 
@@ -139,6 +143,84 @@ impl VmConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// Parses `--balloon` options: empty (all defaults) or `key=value` pairs separated by commas,
+/// keys `deflate_on_oom`, `free_page_reporting` (`on`/`off`) and `stats_interval_s` (seconds).
+pub fn parse_balloon_options(s: &str) -> Result<balloon::BalloonConfig, String> {
+    let mut config = balloon::BalloonConfig::default();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (key, value) = item
+            .split_once('=')
+            .ok_or_else(|| format!("balloon option '{item}' is not key=value"))?;
+        let on_off = |v: &str| match v {
+            "on" | "true" => Ok(true),
+            "off" | "false" => Ok(false),
+            _ => Err(format!("balloon option {key} takes on or off, got '{v}'")),
+        };
+        match key {
+            "deflate_on_oom" => config.deflate_on_oom = on_off(value)?,
+            "free_page_reporting" => config.free_page_reporting = on_off(value)?,
+            "stats_interval_s" => {
+                config.stats_interval_s = value
+                    .parse()
+                    .map_err(|_| format!("balloon option stats_interval_s takes seconds, got '{value}'"))?
+            }
+            _ => {
+                return Err(format!(
+                    "unknown balloon option '{key}' (expected deflate_on_oom, free_page_reporting, stats_interval_s)"
+                ))
+            }
+        }
+    }
+    Ok(config)
+}
+
+/// A `--config` file: every `memvisor run` flag, all optional; flags given on the command line
+/// override it. JSON or TOML (by extension: `.toml` is TOML, anything else JSON).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunFile {
+    /// `--kernel`.
+    pub kernel: Option<PathBuf>,
+    /// `--initrd`.
+    pub initrd: Option<PathBuf>,
+    /// `--cmdline`.
+    pub cmdline: Option<String>,
+    /// `--cpus`.
+    pub cpus: Option<u8>,
+    /// `--memory`, a size string or a number of bytes.
+    #[serde(default, deserialize_with = "opt_size")]
+    pub memory: Option<ByteSize>,
+    /// `--thp`.
+    pub thp: Option<bool>,
+    /// `--balloon`, as a table/object of its options.
+    pub balloon: Option<balloon::BalloonConfig>,
+    /// `--api-socket`.
+    pub api_socket: Option<PathBuf>,
+}
+
+fn opt_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<ByteSize>, D::Error> {
+    size_serde::deserialize(d).map(Some)
+}
+
+impl RunFile {
+    /// Reads and parses `path`. The error is one line naming the file and the problem.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+        Self::parse(&text, path.extension().is_some_and(|e| e == "toml"))
+            .map_err(|e| format!("config file {}: {e}", path.display()))
+    }
+
+    /// Parses TOML or JSON text.
+    pub fn parse(text: &str, toml: bool) -> Result<Self, String> {
+        if toml {
+            ::toml::from_str(text).map_err(|e| e.message().to_string())
+        } else {
+            serde_json::from_str(text).map_err(|e| e.to_string())
+        }
     }
 }
 
@@ -207,6 +289,45 @@ mod tests {
         let e = serde_json::from_str::<VmConfig>(r#"{"kernel": "/k", "memroy": "1G"}"#)
             .expect_err("unknown field");
         assert!(e.to_string().contains("memroy"), "{e}");
+    }
+
+    #[test]
+    fn balloon_options_parse_and_reject_unknown_keys() {
+        assert_eq!(
+            parse_balloon_options(""),
+            Ok(balloon::BalloonConfig::default())
+        );
+        let c =
+            parse_balloon_options("deflate_on_oom=on,free_page_reporting=on,stats_interval_s=5")
+                .expect("parse");
+        assert!(c.deflate_on_oom && c.free_page_reporting);
+        assert_eq!(c.stats_interval_s, 5);
+        assert!(parse_balloon_options("deflate_on_oom=maybe").is_err());
+        assert!(parse_balloon_options("stats_interval_s=-1").is_err());
+        let e = parse_balloon_options("inflate=on").expect_err("unknown key");
+        assert!(e.contains("unknown balloon option 'inflate'"), "{e}");
+        assert!(parse_balloon_options("deflate_on_oom").is_err());
+    }
+
+    #[test]
+    fn run_files_parse_as_json_and_toml_and_name_unknown_fields() {
+        let j = RunFile::parse(
+            r#"{"kernel": "/k", "memory": "256M", "balloon": {"deflate_on_oom": true}}"#,
+            false,
+        )
+        .expect("json");
+        assert_eq!(j.memory, Some(ByteSize(256 << 20)));
+        assert!(j.balloon.expect("balloon").deflate_on_oom);
+        let t = RunFile::parse("kernel = \"/k\"\ncpus = 2\napi_socket = \"/tmp/s\"\n", true)
+            .expect("toml");
+        assert_eq!(t.cpus, Some(2));
+        assert_eq!(t.api_socket, Some(PathBuf::from("/tmp/s")));
+        let e = RunFile::parse(r#"{"kernal": "/k"}"#, false).expect_err("unknown");
+        assert!(e.contains("kernal"), "{e}");
+        let e = RunFile::parse("memroy = \"1G\"", true).expect_err("unknown");
+        assert!(e.contains("memroy"), "{e}");
+        let e = RunFile::parse(r#"{"cpus": "two"}"#, false).expect_err("type");
+        assert!(e.contains("invalid type"), "{e}");
     }
 
     #[test]

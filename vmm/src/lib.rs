@@ -11,11 +11,16 @@
 //! # Ok::<(), vmm::VmError>(())
 //! ```
 
+pub mod action;
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod compat;
 pub mod config;
 pub mod console;
+pub mod controller;
+pub mod ctl;
+pub mod metrics;
 pub mod vcpu;
 pub mod vm;
 

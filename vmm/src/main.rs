@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use memory::ByteSize;
+use std::sync::Arc;
+use vmm::config::RunFile;
 use vmm::{Vm, VmConfig, VmExit, VmIo};
 
 #[derive(Parser, Debug)]
@@ -24,6 +26,8 @@ struct Cli {
 enum Command {
     /// Boot one VM. With no arguments, boots the default guest from target/guest/.
     Run(RunArgs),
+    /// Talk to a running memvisor through its API socket.
+    Ctl(vmm::ctl::CtlArgs),
 }
 
 #[derive(Args, Debug)]
@@ -43,6 +47,17 @@ struct RunArgs {
     /// Guest RAM, e.g. 128M or 1G.
     #[arg(long, value_name = "SIZE")]
     memory: Option<ByteSize>,
+    /// Add a virtio-balloon device; options: deflate_on_oom=on|off, free_page_reporting=on|off,
+    /// stats_interval_s=N (comma separated).
+    #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "",
+          value_parser = vmm::config::parse_balloon_options)]
+    balloon: Option<balloon::BalloonConfig>,
+    /// Serve the REST API on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// Read the flags from a JSON or TOML file; flags given here override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Back guest RAM with transparent huge pages (default: on).
     #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
     thp: Option<bool>,
@@ -73,45 +88,62 @@ fn default_guest_dir() -> PathBuf {
         .unwrap_or(local)
 }
 
-fn build_config(args: RunArgs, guest_dir: &Path) -> VmConfig {
-    let mut config = match args.kernel {
+/// The file's values, then the flags over them.
+fn build_config(args: RunArgs, file: RunFile, guest_dir: &Path) -> (VmConfig, Option<PathBuf>) {
+    let kernel = args.kernel.or(file.kernel);
+    let mut config = match kernel {
         Some(kernel) => VmConfig::new(kernel),
         None => VmConfig::default_guest(guest_dir),
     };
-    if let Some(initrd) = args.initrd {
+    if let Some(initrd) = args.initrd.or(file.initrd) {
         config.initrd = Some(initrd);
     }
-    if let Some(cmdline) = args.cmdline {
+    if let Some(cmdline) = args.cmdline.or(file.cmdline) {
         config.cmdline = Some(cmdline);
     }
-    if let Some(cpus) = args.cpus {
+    if let Some(cpus) = args.cpus.or(file.cpus) {
         config.cpus = cpus;
     }
-    if let Some(memory) = args.memory {
+    if let Some(memory) = args.memory.or(file.memory) {
         config.memory = memory;
     }
-    if let Some(thp) = args.thp {
+    if let Some(balloon) = args.balloon.or(file.balloon) {
+        config.balloon = Some(balloon);
+    }
+    if let Some(thp) = args.thp.or(file.thp) {
         config.thp = thp;
     }
-    config
+    (config, args.api_socket.or(file.api_socket))
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let using_default = args.kernel.is_none();
+    let file = match &args.config {
+        Some(path) => RunFile::load(path).map_err(anyhow::Error::msg)?,
+        None => RunFile::default(),
+    };
+    let using_default = args.kernel.is_none() && file.kernel.is_none();
     let guest_dir = default_guest_dir();
-    let config = build_config(args, &guest_dir);
+    let (config, api_socket) = build_config(args, file, &guest_dir);
     if using_default && !config.kernel.exists() {
         anyhow::bail!(
             "no default guest at {}: build it with guest-images/build, or pass --kernel",
             guest_dir.display()
         );
     }
-    let vm = Vm::new(
+    let mut vm = Vm::new(
         &config,
         VmIo {
             console_out: Box::new(std::io::stdout()),
         },
     )?;
+    // The API server lives as long as the VM runs; dropping it removes the socket.
+    let _api = match api_socket {
+        Some(path) => {
+            let handle = vm.handle()?;
+            Some(vmm::api::ApiServer::start(&path, Arc::new(handle))?)
+        }
+        None => None,
+    };
     let input = vm.console_input();
     // Console input: stdin is forwarded to the guest's UART as it arrives.
     std::thread::Builder::new()
@@ -159,6 +191,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Ctl(args) => vmm::ctl::run_ctl(&args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

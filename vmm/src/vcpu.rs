@@ -1,7 +1,8 @@
 //! vCPU threads: the `KVM_RUN` loop and the dispatch of exits to the buses.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::time::Duration;
 
 use devices::Bus;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -52,6 +53,14 @@ pub struct VmShared {
     pub stop: AtomicBool,
     /// VM exits by reason.
     pub exits: ExitCounters,
+    pause: Mutex<PauseState>,
+    pause_cv: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct PauseState {
+    requested: bool,
+    parked: usize,
 }
 
 impl VmShared {
@@ -62,7 +71,62 @@ impl VmShared {
             exit_reason: Mutex::new(None),
             stop: AtomicBool::new(false),
             exits: ExitCounters::default(),
+            pause: Mutex::new(PauseState::default()),
+            pause_cv: Condvar::new(),
         })
+    }
+
+    fn lock_pause(&self) -> std::sync::MutexGuard<'_, PauseState> {
+        // The pause state is two plain fields: a panicked holder cannot leave it inconsistent.
+        self.pause.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks vCPUs to park before their next `KVM_RUN`. The caller kicks them out of the guest
+    /// and waits with [`VmShared::wait_parked`].
+    pub fn request_pause(&self) {
+        self.lock_pause().requested = true;
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume(&self) {
+        self.lock_pause().requested = false;
+        self.pause_cv.notify_all();
+    }
+
+    /// Waits up to `timeout` until `count` vCPUs are parked; true if they are.
+    pub fn wait_parked(&self, count: usize, timeout: Duration) -> bool {
+        let guard = self.lock_pause();
+        let (guard, _) = self
+            .pause_cv
+            .wait_timeout_while(guard, timeout, |st| st.parked < count)
+            .unwrap_or_else(|e| e.into_inner());
+        guard.parked >= count
+    }
+
+    /// Whether a pause is requested.
+    pub fn pause_requested(&self) -> bool {
+        self.lock_pause().requested
+    }
+
+    /// Called by a vCPU thread between runs: parks while a pause is requested.
+    fn park_if_paused(&self) {
+        let mut st = self.lock_pause();
+        if !st.requested {
+            return;
+        }
+        st.parked += 1;
+        self.pause_cv.notify_all();
+        while st.requested && !self.stop.load(Ordering::SeqCst) {
+            st = self.pause_cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.parked -= 1;
+        self.pause_cv.notify_all();
+    }
+
+    /// Wakes parked vCPUs so they see the stop flag.
+    pub fn wake_parked(&self) {
+        let _guard = self.lock_pause();
+        self.pause_cv.notify_all();
     }
 
     /// Records why the VM stops (unless a reason is already recorded) and wakes the owner.
@@ -71,9 +135,19 @@ impl VmShared {
             r.get_or_insert(reason);
         }
         self.stop.store(true, Ordering::SeqCst);
+        self.wake_parked();
         if let Err(e) = self.exit_evt.write(1) {
             tracing::error!("cannot signal the VM exit: {e}");
         }
+    }
+
+    /// Like [`VmShared::request_exit`] without waking the event loop (it is the one asking).
+    pub fn request_exit_quiet(&self, reason: VmExit) {
+        if let Ok(mut r) = self.exit_reason.lock() {
+            r.get_or_insert(reason);
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake_parked();
     }
 }
 
@@ -130,6 +204,10 @@ impl Vcpu {
     pub fn run_loop(mut self) {
         tracing::info!("vcpu{}: entering the guest", self.index);
         while !self.shared.stop.load(Ordering::SeqCst) {
+            self.shared.park_if_paused();
+            if self.shared.stop.load(Ordering::SeqCst) {
+                break;
+            }
             match self.run_once() {
                 Next::Continue => {}
                 Next::Exit(reason) => {

@@ -1,24 +1,35 @@
 //! A VM: built from a [`VmConfig`], run on vCPU threads, stopped and torn down.
 
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use balloon::Balloon;
 use devices::legacy::{Serial, COM1_BASE, COM1_IRQ, I8042};
+use devices::virtio::mmio::{MMIO_SIZE, QUEUE_NOTIFY_OFFSET};
+use devices::virtio::{mmio_cmdline_fragment, MmioTransport, VirtioDevice};
 use devices::{Bus, EventFdTrigger};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use memory::GuestRam;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
+use crate::action::{
+    Action, ActionError, ActionReply, BalloonInfo, BalloonStatsInfo, MemoryInfo, RunState, VmInfo,
+    VmList, VmState,
+};
 use crate::arch::{cpuid, layout, regs};
 use crate::boot::{self, BootError};
 use crate::compat::HostCompat;
 use crate::config::{host_memory_bytes, ConfigError, VmConfig};
 use crate::console::{ConsoleState, ConsoleTap};
+use crate::controller::{Reply, Request, VmHandle, WakeSubscriber};
 use crate::vcpu::{install_kick_handler, kick_signal, Vcpu, VmExit, VmShared};
 
 /// Errors while building or running a VM.
@@ -71,6 +82,109 @@ pub enum VmError {
     /// The VM was already started.
     #[error("the VM was already started")]
     AlreadyStarted,
+    /// A device could not be created or wired.
+    #[error("cannot set up the {device} device: {reason}")]
+    Device {
+        /// Which device.
+        device: &'static str,
+        /// Why (one line).
+        reason: String,
+    },
+    /// The event loop failed.
+    #[error("the VM's event loop failed: {0}")]
+    EventLoop(String),
+    /// The vCPUs did not park in time.
+    #[error("the vCPUs did not pause within {0:?}")]
+    PauseTimeout(Duration),
+}
+
+/// First legacy IRQ handed to virtio-mmio devices (IRQ 4 is COM1).
+const VIRTIO_IRQ_BASE: u32 = 5;
+/// Last IOAPIC pin usable by a virtio-mmio device.
+const VIRTIO_IRQ_LAST: u32 = crate::arch::mptable::IOAPIC_PINS as u32 - 1;
+
+/// What the event loop's subscribers are.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Reads the VM's exit eventfd on the event loop, so that a guest reset through the i8042
+/// (which writes the eventfd without recording a reason) stops the VM too.
+struct ExitWatcher(Arc<VmShared>);
+
+impl MutEventSubscriber for ExitWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0.exit_evt, EventSet::IN)) {
+            tracing::error!("cannot watch the VM exit eventfd: {e}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.exit_evt.read();
+        // Without a recorded reason, the i8042 asked for a reset.
+        self.0.request_exit_quiet(VmExit::Reset);
+    }
+}
+
+/// Devices attached to the VM, as the VMM needs to reach them.
+#[derive(Default)]
+struct Devices {
+    balloon: Option<Arc<Mutex<Balloon>>>,
+}
+
+/// Hands out virtio-mmio windows and IRQs and wires each transport to KVM.
+struct VirtioSlots {
+    next_base: u64,
+    next_irq: u32,
+    cmdline: Vec<String>,
+}
+
+impl VirtioSlots {
+    fn new() -> Self {
+        VirtioSlots {
+            next_base: layout::VIRTIO_MMIO_START,
+            next_irq: VIRTIO_IRQ_BASE,
+            cmdline: Vec::new(),
+        }
+    }
+
+    fn attach(
+        &mut self,
+        name: &'static str,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        vm_fd: &VmFd,
+        mem: &vm_memory::GuestMemoryMmap,
+        mmio_bus: &mut Bus,
+    ) -> Result<(), VmError> {
+        let fail = |reason: String| VmError::Device {
+            device: name,
+            reason,
+        };
+        if self.next_irq > VIRTIO_IRQ_LAST {
+            return Err(fail("no free interrupt line".into()));
+        }
+        let (base, irq) = (self.next_base, self.next_irq);
+        let transport = MmioTransport::new(mem.clone(), device).map_err(|e| fail(e.to_string()))?;
+        vm_fd
+            .register_irqfd(transport.interrupt_evt(), irq)
+            .map_err(|e| fail(format!("irqfd: {e}")))?;
+        for (i, evt) in transport.queue_evts().iter().enumerate() {
+            vm_fd
+                .register_ioevent(
+                    evt,
+                    &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
+                    i as u32,
+                )
+                .map_err(|e| fail(format!("ioeventfd: {e}")))?;
+        }
+        mmio_bus
+            .insert(Arc::new(Mutex::new(transport)), base, MMIO_SIZE)
+            .map_err(|e| fail(e.to_string()))?;
+        self.cmdline
+            .push(mmio_cmdline_fragment(base, MMIO_SIZE, irq));
+        tracing::debug!("{name}: virtio-mmio at {base:#x}, irq {irq}");
+        self.next_base += MMIO_SIZE;
+        self.next_irq += 1;
+        Ok(())
+    }
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -134,6 +248,11 @@ pub struct Vm {
     pending_vcpus: Vec<Vcpu>,
     threads: Vec<JoinHandle<()>>,
     created: Instant,
+    events: EventManager<Subscriber>,
+    devices: Devices,
+    exit: Option<VmExit>,
+    id: String,
+    requests: Option<mpsc::Receiver<Request>>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -222,7 +341,30 @@ impl Vm {
             None => None,
         };
         phase("initrd loaded");
-        let additions: Vec<&str> = compat.cmdline_additions().into_iter().collect();
+        let shared = Arc::new(VmShared::new().map_err(host_err("the exit eventfd"))?);
+        let mut events: EventManager<Subscriber> =
+            EventManager::new().map_err(|e| VmError::EventLoop(e.to_string()))?;
+        events.add_subscriber(Arc::new(Mutex::new(ExitWatcher(shared.clone()))));
+
+        let mut mmio_bus = Bus::new();
+        let mut slots = VirtioSlots::new();
+        let mut devices = Devices::default();
+        if let Some(balloon_config) = config.balloon {
+            let balloon = Balloon::new(balloon_config, Arc::new(ram.clone())).map_err(|e| {
+                VmError::Device {
+                    device: "balloon",
+                    reason: e.to_string(),
+                }
+            })?;
+            let balloon = Arc::new(Mutex::new(balloon));
+            slots.attach("balloon", balloon.clone(), &vm_fd, mem, &mut mmio_bus)?;
+            events.add_subscriber(balloon.clone());
+            devices.balloon = Some(balloon);
+        }
+        phase("devices created");
+
+        let mut additions: Vec<&str> = compat.cmdline_additions().into_iter().collect();
+        additions.extend(slots.cmdline.iter().map(String::as_str));
         let cmdline = boot::build_cmdline(config.base_cmdline(), &additions)?;
         let cr3 = boot::configure_system(mem, &cmdline, &kernel, initrd, mem_bytes, config.cpus)?;
         tracing::debug!(
@@ -231,7 +373,6 @@ impl Vm {
             cmdline.as_cstring()
         );
 
-        let shared = Arc::new(VmShared::new().map_err(host_err("the exit eventfd"))?);
         let (tap, console) = ConsoleTap::new(io.console_out, compat.boot_milestone(), created);
         let serial_irq =
             EventFdTrigger::new_nonblocking().map_err(host_err("the serial eventfd"))?;
@@ -253,7 +394,7 @@ impl Vm {
             .insert(i8042, u64::from(devices::legacy::I8042_BASE), 5)
             .expect("fixed legacy ports do not overlap");
         let io_bus = Arc::new(io_bus);
-        let mmio_bus = Arc::new(Bus::new());
+        let mmio_bus = Arc::new(mmio_bus);
 
         let vm_fd = Arc::new(vm_fd);
         let supported = kvm
@@ -294,7 +435,272 @@ impl Vm {
             pending_vcpus,
             threads: Vec::new(),
             created,
+            events,
+            devices,
+            exit: None,
+            id: "vm0".to_owned(),
+            requests: None,
         })
+    }
+
+    /// The VM's name in the API (`vm0` unless set).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Names the VM.
+    pub fn set_id(&mut self, id: impl Into<String>) {
+        self.id = id.into();
+    }
+
+    /// A handle through which other threads (the API server) send [`Action`]s to this VM's
+    /// event loop. Call before [`Vm::wait`]; each call replaces the previous channel.
+    pub fn handle(&mut self) -> Result<VmHandle, VmError> {
+        let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("the action eventfd"))?;
+        let loop_side = wake.try_clone().map_err(host_err("the action eventfd"))?;
+        self.events
+            .add_subscriber(Arc::new(Mutex::new(WakeSubscriber(loop_side))));
+        let (tx, rx) = mpsc::channel();
+        self.requests = Some(rx);
+        Ok(VmHandle::new(self.id.clone(), tx, wake))
+    }
+
+    fn drain_requests(&mut self) {
+        let Some(rx) = self.requests.take() else {
+            return;
+        };
+        while let Ok(Request { action, reply }) = rx.try_recv() {
+            let answer = self.handle_action(action);
+            // The asker may have given up waiting; nothing to do then.
+            let _ = reply.send(answer);
+        }
+        self.requests = Some(rx);
+    }
+
+    fn state(&self) -> VmState {
+        if self.exit.is_some() || self.shared.stop.load(std::sync::atomic::Ordering::SeqCst) {
+            VmState::Stopped
+        } else if !self.started() {
+            VmState::Created
+        } else if self.paused() {
+            VmState::Paused
+        } else {
+            VmState::Running
+        }
+    }
+
+    /// The VM as the API shows it.
+    pub fn info(&self) -> VmInfo {
+        let boot_mib = self.config.memory.mib();
+        let ballooned_mib = self.balloon_info().map_or(0, |b| b.actual_mib);
+        VmInfo {
+            id: self.id.clone(),
+            config: self.config.clone(),
+            state: self.state(),
+            memory: MemoryInfo {
+                boot_mib,
+                guest_visible_mib: boot_mib.saturating_sub(ballooned_mib),
+                host_resident_mib: self.ram.resident_bytes().unwrap_or(0) >> 20,
+            },
+        }
+    }
+
+    fn balloon_info(&self) -> Option<BalloonInfo> {
+        let balloon = self.devices.balloon.as_ref()?.lock().ok()?;
+        Some(BalloonInfo {
+            target_mib: balloon.target_mib(),
+            actual_mib: balloon.actual_mib(),
+        })
+    }
+
+    /// Prometheus text of this VM's and the VMM's counters.
+    pub fn metrics_text(&self) -> String {
+        let mut text = crate::metrics::PromText::new();
+        text.vmm_resident();
+        text.guest_ram_resident(&self.id, self.ram.resident_bytes().unwrap_or(0));
+        text.exit_counters(&self.id, &self.shared.exits);
+        if let Some(balloon) = &self.devices.balloon {
+            let metrics = balloon.lock().map(|b| b.metrics()).ok();
+            if let Some(metrics) = metrics {
+                text.device_counters(&self.id, "balloon0", &metrics.values());
+            }
+        }
+        text.finish()
+    }
+
+    /// Carries out one action on the event loop's thread.
+    pub fn handle_action(&mut self, action: Action) -> Reply {
+        let state = self.state();
+        if state == VmState::Stopped
+            && !matches!(action, Action::GetVm | Action::ListVms | Action::Metrics)
+        {
+            return Err(ActionError::Conflict(format!("{} has stopped", self.id)));
+        }
+        match action {
+            Action::ListVms => Ok(ActionReply::VmList(VmList {
+                vms: vec![self.info()],
+            })),
+            Action::GetVm => Ok(ActionReply::Vm(self.info())),
+            Action::Metrics => Ok(ActionReply::Metrics(self.metrics_text())),
+            Action::SetState(RunState::Paused) => {
+                match state {
+                    VmState::Paused => {
+                        return Err(ActionError::Conflict(format!(
+                            "{} is already paused",
+                            self.id
+                        )))
+                    }
+                    VmState::Created => {
+                        return Err(ActionError::Conflict(format!(
+                            "{} has not started",
+                            self.id
+                        )))
+                    }
+                    _ => {}
+                }
+                self.pause()
+                    .map_err(|e| ActionError::Internal(e.to_string()))?;
+                Ok(ActionReply::Vm(self.info()))
+            }
+            Action::SetState(RunState::Running) => {
+                if state != VmState::Paused {
+                    return Err(ActionError::Conflict(format!(
+                        "{} is already {state}",
+                        self.id
+                    )));
+                }
+                self.resume();
+                Ok(ActionReply::Vm(self.info()))
+            }
+            Action::Shutdown => {
+                self.shared.request_exit_quiet(VmExit::Stopped);
+                Ok(ActionReply::Accepted)
+            }
+            Action::SetBalloon(req) => {
+                let boot_mib = self.config.memory.mib();
+                if req.target_mib > boot_mib {
+                    return Err(ActionError::BadRequest(format!(
+                        "balloon target {} MiB is larger than the VM's {boot_mib} MiB",
+                        req.target_mib
+                    )));
+                }
+                let balloon = self.balloon_device()?;
+                balloon
+                    .lock()
+                    .map_err(|_| ActionError::Internal("the balloon device failed".into()))?
+                    .set_target_mib(req.target_mib)
+                    .map_err(|e| ActionError::BadRequest(e.to_string()))?;
+                self.balloon_info()
+                    .map(ActionReply::Balloon)
+                    .ok_or_else(|| ActionError::Internal("the balloon device failed".into()))
+            }
+            Action::GetBalloon => {
+                self.balloon_device()?;
+                self.balloon_info()
+                    .map(ActionReply::Balloon)
+                    .ok_or_else(|| ActionError::Internal("the balloon device failed".into()))
+            }
+            Action::GetBalloonStats => {
+                let balloon = self.balloon_device()?;
+                let latest = balloon
+                    .lock()
+                    .map_err(|_| ActionError::Internal("the balloon device failed".into()))?
+                    .latest_stats();
+                Ok(ActionReply::BalloonStats(match latest {
+                    Some((stats, age)) => BalloonStatsInfo {
+                        age_ms: Some(age.as_millis() as u64),
+                        stats: stats.values().into_iter().collect(),
+                    },
+                    None => BalloonStatsInfo {
+                        age_ms: None,
+                        stats: Default::default(),
+                    },
+                }))
+            }
+        }
+    }
+
+    fn balloon_device(&self) -> Result<&Arc<Mutex<Balloon>>, ActionError> {
+        self.devices.balloon.as_ref().ok_or_else(|| {
+            ActionError::BadRequest(format!(
+                "{} has no balloon device (start it with --balloon)",
+                self.id
+            ))
+        })
+    }
+
+    /// The balloon device, if the VM has one.
+    pub fn balloon(&self) -> Option<&Arc<Mutex<Balloon>>> {
+        self.devices.balloon.as_ref()
+    }
+
+    /// Whether the vCPUs have been started.
+    pub fn started(&self) -> bool {
+        self.pending_vcpus.is_empty()
+    }
+
+    /// Whether the VM has stopped.
+    pub fn exited(&self) -> Option<&VmExit> {
+        self.exit.as_ref()
+    }
+
+    /// Whether the vCPUs are paused.
+    pub fn paused(&self) -> bool {
+        self.shared.pause_requested()
+    }
+
+    /// Parks every vCPU outside the guest; returns once all are parked.
+    pub fn pause(&mut self) -> Result<(), VmError> {
+        const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+        self.shared.request_pause();
+        let running: Vec<&JoinHandle<()>> =
+            self.threads.iter().filter(|h| !h.is_finished()).collect();
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        loop {
+            for h in &running {
+                let _ = h.kill(kick_signal());
+            }
+            if self
+                .shared
+                .wait_parked(running.len(), Duration::from_millis(5))
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                self.shared.resume();
+                return Err(VmError::PauseTimeout(PAUSE_TIMEOUT));
+            }
+        }
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&mut self) {
+        self.shared.resume();
+    }
+
+    /// Runs the event loop once, for up to `timeout` (`None`: until something happens).
+    /// Returns the VM's exit once it has stopped.
+    pub fn run_events(&mut self, timeout: Option<Duration>) -> Result<Option<VmExit>, VmError> {
+        if self.exit.is_some() {
+            return Ok(self.exit.clone());
+        }
+        let ms = timeout.map_or(-1, |t| i32::try_from(t.as_millis()).unwrap_or(i32::MAX));
+        self.events
+            .run_with_timeout(ms)
+            .map_err(|e| VmError::EventLoop(e.to_string()))?;
+        self.drain_requests();
+        if self.shared.stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let reason = self
+                .shared
+                .exit_reason
+                .lock()
+                .ok()
+                .and_then(|mut r| r.take())
+                .unwrap_or(VmExit::Reset);
+            self.stop_vcpus();
+            self.exit = Some(reason);
+        }
+        Ok(self.exit.clone())
     }
 
     /// The configuration the VM was built from.
@@ -356,37 +762,31 @@ impl Vm {
         Ok(())
     }
 
-    /// Blocks until the VM stops, and tears the vCPUs down.
+    /// Runs the event loop until the VM stops, and tears the vCPUs down.
     pub fn wait(&mut self) -> VmExit {
         loop {
-            if self.shared.exit_evt.read().is_ok() {
-                break;
+            match self.run_events(None) {
+                Ok(Some(exit)) => return exit,
+                Ok(None) => {}
+                Err(e) => {
+                    self.shared.request_exit(VmExit::Error(e.to_string()));
+                }
             }
         }
-        let reason = self
-            .shared
-            .exit_reason
-            .lock()
-            .ok()
-            .and_then(|mut r| r.take())
-            // The i8042 signals a reset by writing the eventfd without recording a reason.
-            .unwrap_or(VmExit::Reset);
-        self.stop_vcpus();
-        reason
     }
 
-    /// Waits up to `timeout` for the VM to stop on its own; `None` if it is still running.
+    /// Runs the event loop for up to `timeout`; `None` if the VM is still running then.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<VmExit> {
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.shared.exit_evt);
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: `pfd` is a valid pollfd for the duration of the call.
-        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-        (n > 0).then(|| self.wait())
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.run_events(Some(left)) {
+                Ok(Some(exit)) => return Some(exit),
+                Ok(None) if left.is_zero() => return None,
+                Ok(None) => {}
+                Err(e) => self.shared.request_exit(VmExit::Error(e.to_string())),
+            }
+        }
     }
 
     /// Asks the VM to stop (as a shutdown request would) and tears the vCPUs down.
