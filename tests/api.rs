@@ -83,12 +83,20 @@ fn ctl_drives_a_running_vm_through_the_api() {
         let stats = ctl(s, false, CtlCommand::BalloonStats { id: id() }).expect("stats");
         assert!(stats.contains("has not reported"), "{stats}");
 
+        let sharing = ctl(s, true, CtlCommand::Sharing { id: id() }).expect("sharing");
+        assert!(sharing.contains(r#""status":"#), "{sharing}");
+        let readable = ctl(s, false, CtlCommand::Sharing { id: id() }).expect("sharing");
+        assert!(readable.contains("status: "), "{readable}");
+        let host = ctl(s, true, CtlCommand::Host).expect("host");
+        assert!(host.contains(r#""ksm""#), "{host}");
+
         let missing = ctl(s, false, CtlCommand::Info { id: "vm9".into() }).expect_err("unknown VM");
         assert!(missing.contains("404"), "{missing}");
 
         let metrics = ctl(s, false, CtlCommand::Metrics).expect("metrics");
         assert!(metrics.contains("memvisor_vmm_resident_bytes"), "{metrics}");
         assert!(metrics.contains("vm=\"vm0\""), "{metrics}");
+        assert!(metrics.contains("balloon0"), "{metrics}");
 
         ctl(s, false, CtlCommand::Shutdown { id: id() }).expect("shutdown");
     });

@@ -30,6 +30,12 @@ pub enum Action {
     GetBalloon,
     /// The latest memory statistics the guest reported through the balloon.
     GetBalloonStats,
+    /// Sample the VM's page-sharing counts now. Answers [`ActionReply::Json`] with a
+    /// `memory::sharing::SharingReport`.
+    GetSharing,
+    /// Host-wide state: KSM settings and counters. Takes no VM id. Answers
+    /// [`ActionReply::Json`].
+    GetHost,
 }
 
 impl Action {
@@ -37,13 +43,14 @@ impl Action {
     /// [`ActionHandler::handle`]).
     pub fn targets_vm(&self) -> bool {
         match self {
-            Action::ListVms | Action::Metrics => false,
+            Action::ListVms | Action::Metrics | Action::GetHost => false,
             Action::GetVm
             | Action::SetState(_)
             | Action::Shutdown
             | Action::SetBalloon(_)
             | Action::GetBalloon
-            | Action::GetBalloonStats => true,
+            | Action::GetBalloonStats
+            | Action::GetSharing => true,
         }
     }
 }
@@ -207,6 +214,9 @@ pub enum ActionReply {
     Balloon(BalloonInfo),
     /// [`Action::GetBalloonStats`].
     BalloonStats(BalloonStatsInfo),
+    /// A JSON document whose schema `docs/api.yaml` gives per route ([`Action::GetSharing`],
+    /// [`Action::GetHost`]).
+    Json(serde_json::Value),
 }
 
 /// Why an action was refused. Each variant is one HTTP status; see [`ActionError::http_status`].
@@ -340,6 +350,9 @@ pub mod fake {
             if !action.targets_vm() {
                 return Ok(match action {
                     Action::Metrics => ActionReply::Metrics(Self::metrics(&vms)),
+                    Action::GetHost => ActionReply::Json(serde_json::json!({
+                        "ksm": {"status": "unavailable", "reason": "fake handler"}
+                    })),
                     _ => ActionReply::VmList(VmList {
                         vms: vms.iter().map(|v| v.info.clone()).collect(),
                     }),
@@ -395,7 +408,10 @@ pub mod fake {
                     age_ms: None,
                     stats: Default::default(),
                 })),
-                Action::ListVms | Action::Metrics => {
+                Action::GetSharing => Ok(ActionReply::Json(serde_json::json!({
+                    "status": "unavailable", "reason": "fake handler"
+                }))),
+                Action::ListVms | Action::Metrics | Action::GetHost => {
                     unreachable!("handled above: these take no VM id")
                 }
             }

@@ -76,6 +76,10 @@ pub struct VmConfig {
     /// A virtio-balloon device, if any.
     #[serde(default)]
     pub balloon: Option<balloon::BalloonConfig>,
+    /// Mark guest RAM `MADV_MERGEABLE` so host KSM may merge identical pages (off by default:
+    /// merging opens timing side channels between VMs). Implies 4K pages (no THP).
+    #[serde(default)]
+    pub mergeable: bool,
 }
 
 fn default_thp() -> bool {
@@ -100,6 +104,7 @@ impl VmConfig {
             memory: DEFAULT_MEMORY,
             thp: true,
             balloon: None,
+            mergeable: false,
         }
     }
 
@@ -199,6 +204,8 @@ pub struct RunFile {
     pub balloon: Option<balloon::BalloonConfig>,
     /// `--api-socket`.
     pub api_socket: Option<PathBuf>,
+    /// `--mergeable`.
+    pub mergeable: Option<bool>,
 }
 
 fn opt_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<ByteSize>, D::Error> {

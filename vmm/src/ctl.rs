@@ -82,6 +82,14 @@ pub enum CtlCommand {
         #[arg(default_value = "vm0")]
         id: String,
     },
+    /// Sample the VM's page-sharing counts (KSM) now.
+    Sharing {
+        /// The VM's id.
+        #[arg(default_value = "vm0")]
+        id: String,
+    },
+    /// Show host-wide state: KSM settings and counters.
+    Host,
 }
 
 /// The request a command sends: method, path and JSON body.
@@ -123,6 +131,8 @@ pub fn command_request(command: &CtlCommand) -> (Method, String, Option<Vec<u8>>
         CtlCommand::BalloonStats { id } => {
             (Method::GET, format!("/api/v1/vms/{id}/balloon/stats"), None)
         }
+        CtlCommand::Sharing { id } => (Method::GET, format!("/api/v1/vms/{id}/sharing"), None),
+        CtlCommand::Host => (Method::GET, "/api/v1/host".into(), None),
     }
 }
 
@@ -216,6 +226,12 @@ fn render(command: &CtlCommand, reply: &HttpReply) -> anyhow::Result<String> {
                 mib(b.actual_mib)
             )
         }
+        CtlCommand::Sharing { .. } | CtlCommand::Host => {
+            let value: serde_json::Value = serde_json::from_slice(&reply.body)?;
+            let mut s = String::new();
+            render_json(&value, 0, &mut s);
+            s
+        }
         CtlCommand::BalloonStats { id } => {
             let b: BalloonStatsInfo = serde_json::from_slice(&reply.body)?;
             let mut s = match b.age_ms {
@@ -228,6 +244,35 @@ fn render(command: &CtlCommand, reply: &HttpReply) -> anyhow::Result<String> {
             s
         }
     })
+}
+
+/// A JSON document as indented `key: value` lines.
+fn render_json(value: &serde_json::Value, indent: usize, out: &mut String) {
+    let pad = "  ".repeat(indent);
+    match value {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                if v.is_object() {
+                    out.push_str(&format!("{pad}{k}:\n"));
+                    render_json(v, indent + 1, out);
+                } else {
+                    out.push_str(&format!("{pad}{k}: {}\n", scalar(v)));
+                }
+            }
+        }
+        other => out.push_str(&format!("{pad}{}\n", scalar(other))),
+    }
+}
+
+fn scalar(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() => format!("{f:.3}"),
+            _ => n.to_string(),
+        },
+        other => other.to_string(),
+    }
 }
 
 /// Errors talking to the API.

@@ -58,6 +58,9 @@ struct RunArgs {
     /// Read the flags from a JSON or TOML file; flags given here override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Let host KSM merge this VM's identical pages (turns KSM on while the VM runs).
+    #[arg(long)]
+    mergeable: bool,
     /// Back guest RAM with transparent huge pages (default: on).
     #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
     thp: Option<bool>,
@@ -109,6 +112,9 @@ fn build_config(args: RunArgs, file: RunFile, guest_dir: &Path) -> (VmConfig, Op
     }
     if let Some(balloon) = args.balloon.or(file.balloon) {
         config.balloon = Some(balloon);
+    }
+    if args.mergeable || file.mergeable == Some(true) {
+        config.mergeable = true;
     }
     if let Some(thp) = args.thp.or(file.thp) {
         config.thp = thp;

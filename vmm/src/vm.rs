@@ -253,6 +253,8 @@ pub struct Vm {
     exit: Option<VmExit>,
     id: String,
     requests: Option<mpsc::Receiver<Request>>,
+    sharing: memory::sharing::SharingSampler,
+    _ksm_guard: Option<memory::ksm::KsmGuard>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -313,7 +315,28 @@ impl Vm {
         phase("KVM VM created");
         let mem_bytes = config.memory.bytes();
         let ram = GuestRam::new(&layout::ram_ranges(mem_bytes))?;
-        if config.thp {
+        let mut ksm_guard = None;
+        if config.mergeable {
+            ram.set_mergeable(true)?;
+            // KSM scans only while `run` is 1; turn it on at memvisor's rate if it is off, and
+            // put the host's settings back when the VM goes.
+            match memory::ksm::Ksm::open() {
+                Ok(ksm) => match ksm.settings() {
+                    Ok(s) if s.run != memory::ksm::KsmRun::Running => {
+                        match ksm.enable_scoped(
+                            memory::ksm::DEFAULT_PAGES_TO_SCAN,
+                            memory::ksm::DEFAULT_SLEEP_MS,
+                        ) {
+                            Ok(guard) => ksm_guard = Some(guard),
+                            Err(e) => tracing::warn!("cannot turn host KSM on: {e}"),
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("cannot read host KSM settings: {e}"),
+                },
+                Err(e) => tracing::warn!("host KSM is unavailable, pages will not be merged: {e}"),
+            }
+        } else if config.thp {
             // Not fatal: a host without THP still runs the VM, with 4K pages.
             if let Err(e) = ram.set_hugepages(true) {
                 tracing::warn!("guest RAM stays on 4K pages: {e}");
@@ -440,6 +463,8 @@ impl Vm {
             exit: None,
             id: "vm0".to_owned(),
             requests: None,
+            sharing: memory::sharing::SharingSampler::new(memory::sharing::SharingConfig::default()),
+            _ksm_guard: ksm_guard,
         })
     }
 
@@ -519,6 +544,27 @@ impl Vm {
         text.vmm_resident();
         text.guest_ram_resident(&self.id, self.ram.resident_bytes().unwrap_or(0));
         text.exit_counters(&self.id, &self.shared.exits);
+        if let Ok(c) = memory::ksm::Ksm::open().and_then(|k| k.counters()) {
+            for (name, help, value) in [
+                (
+                    "memvisor_host_ksm_pages_shared",
+                    "KSM pages in use.",
+                    c.pages_shared,
+                ),
+                (
+                    "memvisor_host_ksm_pages_sharing",
+                    "Mappings sharing a KSM page beyond the first.",
+                    c.pages_sharing,
+                ),
+                (
+                    "memvisor_host_ksm_full_scans_total",
+                    "Completed KSM passes.",
+                    c.full_scans,
+                ),
+            ] {
+                text.gauge(name, help, &[], value as f64);
+            }
+        }
         if let Some(balloon) = &self.devices.balloon {
             let metrics = balloon.lock().map(|b| b.metrics()).ok();
             if let Some(metrics) = metrics {
@@ -600,6 +646,16 @@ impl Vm {
                     .map(ActionReply::Balloon)
                     .ok_or_else(|| ActionError::Internal("the balloon device failed".into()))
             }
+            Action::GetSharing => {
+                let report = self
+                    .sharing
+                    .sample(&self.ram)
+                    .map_err(|e| ActionError::Internal(e.to_string()))?;
+                serde_json::to_value(&report)
+                    .map(ActionReply::Json)
+                    .map_err(|e| ActionError::Internal(e.to_string()))
+            }
+            Action::GetHost => Ok(ActionReply::Json(Self::host_info())),
             Action::GetBalloonStats => {
                 let balloon = self.balloon_device()?;
                 let latest = balloon
@@ -617,6 +673,23 @@ impl Vm {
                     },
                 }))
             }
+        }
+    }
+
+    /// Host-wide memory state: KSM settings and counters.
+    pub fn host_info() -> serde_json::Value {
+        let ksm = memory::ksm::Ksm::open().and_then(|k| Ok((k.settings()?, k.counters()?)));
+        match ksm {
+            Ok((settings, counters)) => serde_json::json!({
+                "ksm": {
+                    "status": "ok",
+                    "settings": settings,
+                    "counters": counters,
+                }
+            }),
+            Err(e) => serde_json::json!({
+                "ksm": { "status": "unavailable", "reason": e.to_string() }
+            }),
         }
     }
 

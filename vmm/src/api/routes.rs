@@ -32,6 +32,10 @@ pub enum RouteKind {
     GetBalloon,
     /// `GET /api/v1/vms/{id}/balloon/stats`.
     GetBalloonStats,
+    /// `GET /api/v1/vms/{id}/sharing`.
+    GetSharing,
+    /// `GET /api/v1/host`.
+    GetHost,
 }
 
 /// One route: a method and a path template, where `{id}` stands for one path segment.
@@ -86,6 +90,16 @@ pub const ROUTES: &[Route] = &[
         method: "GET",
         path: "/api/v1/vms/{id}/balloon/stats",
         kind: RouteKind::GetBalloonStats,
+    },
+    Route {
+        method: "GET",
+        path: "/api/v1/vms/{id}/sharing",
+        kind: RouteKind::GetSharing,
+    },
+    Route {
+        method: "GET",
+        path: "/api/v1/host",
+        kind: RouteKind::GetHost,
     },
 ];
 
@@ -225,7 +239,9 @@ fn build_action(route: &Route, body: &[u8]) -> Result<Action, String> {
         | RouteKind::GetVm
         | RouteKind::Metrics
         | RouteKind::GetBalloon
-        | RouteKind::GetBalloonStats => {
+        | RouteKind::GetBalloonStats
+        | RouteKind::GetSharing
+        | RouteKind::GetHost => {
             if !body.is_empty() {
                 return Err(format!("{} {} takes no body", route.method, route.path));
             }
@@ -234,6 +250,8 @@ fn build_action(route: &Route, body: &[u8]) -> Result<Action, String> {
                 RouteKind::GetVm => Action::GetVm,
                 RouteKind::GetBalloon => Action::GetBalloon,
                 RouteKind::GetBalloonStats => Action::GetBalloonStats,
+                RouteKind::GetSharing => Action::GetSharing,
+                RouteKind::GetHost => Action::GetHost,
                 _ => Action::Metrics,
             })
         }
@@ -275,6 +293,7 @@ pub fn reply_response(result: Result<ActionReply, ActionError>) -> ApiResponse {
         },
         Ok(ActionReply::Balloon(info)) => ApiResponse::json(200, &info),
         Ok(ActionReply::BalloonStats(stats)) => ApiResponse::json(200, &stats),
+        Ok(ActionReply::Json(value)) => ApiResponse::json(200, &value),
         Ok(ActionReply::Metrics(text)) => ApiResponse {
             status: 200,
             content_type: Some(metrics::CONTENT_TYPE),
