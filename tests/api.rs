@@ -94,6 +94,12 @@ fn ctl_drives_a_running_vm_through_the_api() {
         assert!(missing.contains("404"), "{missing}");
 
         let metrics = ctl(s, false, CtlCommand::Metrics).expect("metrics");
+        if sharing.contains(r#""status":"ok""#) {
+            assert!(
+                metrics.contains("memvisor_sharing_count_harmonic_mean"),
+                "{metrics}"
+            );
+        }
         assert!(metrics.contains("memvisor_vmm_resident_bytes"), "{metrics}");
         assert!(metrics.contains("vm=\"vm0\""), "{metrics}");
         assert!(metrics.contains("balloon0"), "{metrics}");

@@ -97,9 +97,11 @@ fn guest_kernel_inflates_to_target_and_deflates_back() {
         .expect("lock")
         .set_target_mib(64)
         .expect("set target");
+    let inflate_start = Instant::now();
     run_until(&mut vm, BALLOON_TIMEOUT, "actual_mib = 64", |vm| {
         actual_mib(vm) == 64
     });
+    eprintln!("guest inflated 64 MiB in {:?}", inflate_start.elapsed());
     let rss_after = vm_rss_bytes();
     let dropped_mib = rss_before.saturating_sub(rss_after) >> 20;
     eprintln!(

@@ -254,6 +254,7 @@ pub struct Vm {
     id: String,
     requests: Option<mpsc::Receiver<Request>>,
     sharing: memory::sharing::SharingSampler,
+    last_sharing: Option<memory::sharing::SharingStats>,
     _ksm_guard: Option<memory::ksm::KsmGuard>,
 }
 
@@ -464,6 +465,7 @@ impl Vm {
             id: "vm0".to_owned(),
             requests: None,
             sharing: memory::sharing::SharingSampler::new(memory::sharing::SharingConfig::default()),
+            last_sharing: None,
             _ksm_guard: ksm_guard,
         })
     }
@@ -544,6 +546,53 @@ impl Vm {
         text.vmm_resident();
         text.guest_ram_resident(&self.id, self.ram.resident_bytes().unwrap_or(0));
         text.exit_counters(&self.id, &self.shared.exits);
+        if let Some(st) = &self.last_sharing {
+            // From the latest `GET /vms/{id}/sharing` sample (sampling has a cost, so a scrape
+            // does not trigger one).
+            let labels = [("vm", self.id.as_str())];
+            let c = &st.counts;
+            for (name, help, value) in [
+                (
+                    "memvisor_sharing_pages_sampled",
+                    "Pages in the latest sharing sample.",
+                    Some(st.pages_sampled as f64),
+                ),
+                (
+                    "memvisor_sharing_pages_shared",
+                    "Sampled pages whose frame has 2+ mappings.",
+                    Some(st.pages_shared as f64),
+                ),
+                (
+                    "memvisor_sharing_count_arithmetic_mean",
+                    "Arithmetic mean of the map counts.",
+                    c.arithmetic_mean,
+                ),
+                (
+                    "memvisor_sharing_count_geometric_mean",
+                    "Geometric mean of the map counts.",
+                    c.geometric_mean,
+                ),
+                (
+                    "memvisor_sharing_count_harmonic_mean",
+                    "Harmonic mean of the map counts.",
+                    c.harmonic_mean,
+                ),
+                (
+                    "memvisor_sharing_count_median",
+                    "Median of the map counts.",
+                    c.median,
+                ),
+                (
+                    "memvisor_sharing_reclaimable_bytes",
+                    "Host bytes reclaiming the VM would free (estimate).",
+                    Some(st.reclaimable.bytes as f64),
+                ),
+            ] {
+                if let Some(v) = value {
+                    text.gauge(name, help, &labels, v);
+                }
+            }
+        }
         if let Ok(c) = memory::ksm::Ksm::open().and_then(|k| k.counters()) {
             for (name, help, value) in [
                 (
@@ -651,6 +700,9 @@ impl Vm {
                     .sharing
                     .sample(&self.ram)
                     .map_err(|e| ActionError::Internal(e.to_string()))?;
+                if let Some(stats) = report.stats() {
+                    self.last_sharing = Some(*stats);
+                }
                 serde_json::to_value(&report)
                     .map(ActionReply::Json)
                     .map_err(|e| ActionError::Internal(e.to_string()))

@@ -1,0 +1,117 @@
+//! Counters of one virtio-mem device, owned by the instance (not global), read without locking
+//! the device.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// What the device did, since it was created.
+#[derive(Debug, Default)]
+pub struct VirtioMemMetrics {
+    /// PLUG requests acknowledged.
+    pub plugs: AtomicU64,
+    /// UNPLUG requests acknowledged.
+    pub unplugs: AtomicU64,
+    /// UNPLUG_ALL requests acknowledged.
+    pub unplug_alls: AtomicU64,
+    /// STATE requests acknowledged.
+    pub state_requests: AtomicU64,
+    /// Bytes plugged by acknowledged PLUG requests.
+    pub plugged_bytes: AtomicU64,
+    /// Bytes unplugged by acknowledged UNPLUG and UNPLUG_ALL requests.
+    pub unplugged_bytes: AtomicU64,
+    /// Requests answered NACK (plugging beyond the requested size).
+    pub nacks: AtomicU64,
+    /// Requests answered ERROR (unaligned, outside the region, wrong block state, unknown type).
+    pub errors: AtomicU64,
+    /// Requests answered BUSY (a memslot or discard failed on the host; the guest retries).
+    pub busy: AtomicU64,
+    /// Descriptor chains refused: request too short, no room for the response, wrong order,
+    /// outside guest memory.
+    pub bad_descriptors: AtomicU64,
+    /// Memslots added.
+    pub memslot_adds: AtomicU64,
+    /// Memslots removed.
+    pub memslot_removes: AtomicU64,
+    /// Memslot additions or removals that failed.
+    pub memslot_failures: AtomicU64,
+    /// Discards (of unplugged blocks) that failed; their memory stays resident.
+    pub discard_failures: AtomicU64,
+    /// Sum of the host-side time of acknowledged PLUG requests, in nanoseconds.
+    pub plug_latency_ns: AtomicU64,
+    /// Longest host-side time of one acknowledged PLUG request, in nanoseconds.
+    pub plug_latency_ns_max: AtomicU64,
+    /// Sum of the host-side time of acknowledged UNPLUG and UNPLUG_ALL requests, in nanoseconds.
+    pub unplug_latency_ns: AtomicU64,
+    /// Longest host-side time of one acknowledged UNPLUG or UNPLUG_ALL request, in nanoseconds.
+    pub unplug_latency_ns_max: AtomicU64,
+    /// Interrupts that could not be raised.
+    pub interrupt_failures: AtomicU64,
+}
+
+impl VirtioMemMetrics {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn record_latency(total: &AtomicU64, max: &AtomicU64, elapsed: Duration) {
+        let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        total.fetch_add(ns, Ordering::Relaxed);
+        max.fetch_max(ns, Ordering::Relaxed);
+    }
+
+    /// Every counter as (name, value), names in Prometheus style without prefix.
+    pub fn values(&self) -> Vec<(&'static str, u64)> {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            ("plugs_total", get(&self.plugs)),
+            ("unplugs_total", get(&self.unplugs)),
+            ("unplug_alls_total", get(&self.unplug_alls)),
+            ("state_requests_total", get(&self.state_requests)),
+            ("plugged_bytes_total", get(&self.plugged_bytes)),
+            ("unplugged_bytes_total", get(&self.unplugged_bytes)),
+            ("nacks_total", get(&self.nacks)),
+            ("errors_total", get(&self.errors)),
+            ("busy_total", get(&self.busy)),
+            ("bad_descriptors_total", get(&self.bad_descriptors)),
+            ("memslot_adds_total", get(&self.memslot_adds)),
+            ("memslot_removes_total", get(&self.memslot_removes)),
+            ("memslot_failures_total", get(&self.memslot_failures)),
+            ("discard_failures_total", get(&self.discard_failures)),
+            ("plug_latency_ns_total", get(&self.plug_latency_ns)),
+            ("plug_latency_ns_max", get(&self.plug_latency_ns_max)),
+            ("unplug_latency_ns_total", get(&self.unplug_latency_ns)),
+            ("unplug_latency_ns_max", get(&self.unplug_latency_ns_max)),
+            ("interrupt_failures_total", get(&self.interrupt_failures)),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_list_every_counter_by_name() {
+        let m = VirtioMemMetrics::default();
+        VirtioMemMetrics::add(&m.nacks, 2);
+        let values = m.values();
+        assert_eq!(values.len(), 19);
+        assert!(values.contains(&("nacks_total", 2)));
+        assert!(values.contains(&("plugs_total", 0)));
+    }
+
+    #[test]
+    fn latency_keeps_sum_and_max() {
+        let m = VirtioMemMetrics::default();
+        for us in [5, 30, 10] {
+            VirtioMemMetrics::record_latency(
+                &m.plug_latency_ns,
+                &m.plug_latency_ns_max,
+                Duration::from_micros(us),
+            );
+        }
+        let values = m.values();
+        assert!(values.contains(&("plug_latency_ns_total", 45_000)));
+        assert!(values.contains(&("plug_latency_ns_max", 30_000)));
+    }
+}
