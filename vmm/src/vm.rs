@@ -893,9 +893,7 @@ impl Vm {
             match self.run_events(None) {
                 Ok(Some(exit)) => return exit,
                 Ok(None) => {}
-                Err(e) => {
-                    self.shared.request_exit(VmExit::Error(e.to_string()));
-                }
+                Err(e) => return self.fail(e),
             }
         }
     }
@@ -909,9 +907,19 @@ impl Vm {
                 Ok(Some(exit)) => return Some(exit),
                 Ok(None) if left.is_zero() => return None,
                 Ok(None) => {}
-                Err(e) => self.shared.request_exit(VmExit::Error(e.to_string())),
+                Err(e) => return Some(self.fail(e)),
             }
         }
+    }
+
+    /// Stops the VM because its event loop failed. The loop may fail again on every call, so
+    /// this must not go back to it.
+    fn fail(&mut self, e: VmError) -> VmExit {
+        let exit = VmExit::Error(e.to_string());
+        self.shared.request_exit_quiet(exit.clone());
+        self.stop_vcpus();
+        self.exit = Some(exit.clone());
+        exit
     }
 
     /// Asks the VM to stop (as a shutdown request would) and tears the vCPUs down.
