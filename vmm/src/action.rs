@@ -36,6 +36,15 @@ pub enum Action {
     /// Host-wide state: KSM settings and counters. Takes no VM id. Answers
     /// [`ActionReply::Json`].
     GetHost,
+    /// Ask the guest to have this much virtio-mem memory plugged.
+    SetMemory(MemoryRequest),
+    /// The virtio-mem region, block size, plugged and requested sizes.
+    GetMemory,
+    /// Swap the VM's pages out until this much is in its swap file (0: bring everything back).
+    /// Starts the work in the background and answers [`ActionReply::Swap`] at once.
+    SetSwap(SwapRequest),
+    /// The swapper's state and counters ([`ActionReply::Swap`]).
+    GetSwap,
 }
 
 impl Action {
@@ -50,7 +59,11 @@ impl Action {
             | Action::SetBalloon(_)
             | Action::GetBalloon
             | Action::GetBalloonStats
-            | Action::GetSharing => true,
+            | Action::GetSharing
+            | Action::SetMemory(_)
+            | Action::GetMemory
+            | Action::SetSwap(_)
+            | Action::GetSwap => true,
         }
     }
 }
@@ -191,6 +204,23 @@ pub struct BalloonStatsInfo {
     pub stats: std::collections::BTreeMap<String, u64>,
 }
 
+/// The body of `PUT /api/v1/vms/{id}/memory`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryRequest {
+    /// How much hotplug memory the guest should have plugged, in MiB: a multiple of the block
+    /// size, at most the region size.
+    pub requested_mib: u64,
+}
+
+/// The body of `PUT /api/v1/vms/{id}/swap`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwapRequest {
+    /// How much of the VM's RAM should be in swap, in MiB; 0 brings everything back.
+    pub target_mib: u64,
+}
+
 /// The body of every error response.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -217,6 +247,17 @@ pub enum ActionReply {
     /// A JSON document whose schema `docs/api.yaml` gives per route ([`Action::GetSharing`],
     /// [`Action::GetHost`]).
     Json(serde_json::Value),
+    /// [`Action::SetMemory`] (the state after the change) and [`Action::GetMemory`].
+    Memory(hotplug::VirtioMemStatus),
+    /// [`Action::GetSwap`], and [`Action::SetSwap`] with `accepted` set: the swap-out or
+    /// swap-in runs in the background (HTTP 202); poll [`Action::GetSwap`] until `busy` is
+    /// false.
+    Swap {
+        /// A `memory::swap::SwapStatus` plus `target_mib` and `busy`, as JSON.
+        status: serde_json::Value,
+        /// Whether this answers a request that started work.
+        accepted: bool,
+    },
 }
 
 /// Why an action was refused. Each variant is one HTTP status; see [`ActionError::http_status`].
@@ -411,6 +452,12 @@ pub mod fake {
                 Action::GetSharing => Ok(ActionReply::Json(serde_json::json!({
                     "status": "unavailable", "reason": "fake handler"
                 }))),
+                Action::SetMemory(_) | Action::GetMemory => Err(ActionError::BadRequest(format!(
+                    "{id} has no virtio-mem device (start it with --hotplug)"
+                ))),
+                Action::SetSwap(_) | Action::GetSwap => Err(ActionError::BadRequest(format!(
+                    "{id} has no swap (start it with --swap-dir)"
+                ))),
                 Action::ListVms | Action::Metrics | Action::GetHost => {
                     unreachable!("handled above: these take no VM id")
                 }

@@ -49,6 +49,9 @@ pub enum ConfigError {
         /// The host's total memory.
         host_mib: u64,
     },
+    /// The swap directory does not exist or is not a directory.
+    #[error("swap directory {0} is not a directory")]
+    SwapDir(PathBuf),
 }
 
 /// Configuration of one VM.
@@ -80,6 +83,15 @@ pub struct VmConfig {
     /// merging opens timing side channels between VMs). Implies 4K pages (no THP).
     #[serde(default)]
     pub mergeable: bool,
+    /// A virtio-mem device and its hotplug region, if any. `region_addr` is normally left out:
+    /// memvisor places the region above RAM.
+    #[serde(default)]
+    pub hotplug: Option<hotplug::VirtioMemConfig>,
+    /// Where the VM's swap file goes (created at the first swap request, removed at exit);
+    /// `None` is the current directory. `memvisor run` defaults it to the API socket's
+    /// directory.
+    #[serde(default)]
+    pub swap_dir: Option<PathBuf>,
 }
 
 fn default_thp() -> bool {
@@ -105,6 +117,8 @@ impl VmConfig {
             thp: true,
             balloon: None,
             mergeable: false,
+            hotplug: None,
+            swap_dir: None,
         }
     }
 
@@ -147,6 +161,11 @@ impl VmConfig {
                 });
             }
         }
+        if let Some(dir) = &self.swap_dir {
+            if !dir.is_dir() {
+                return Err(ConfigError::SwapDir(dir.clone()));
+            }
+        }
         Ok(())
     }
 }
@@ -182,6 +201,43 @@ pub fn parse_balloon_options(s: &str) -> Result<balloon::BalloonConfig, String> 
     Ok(config)
 }
 
+/// Parses `--hotplug`: the region size, then optional `key=value` pairs separated by commas,
+/// keys `block_size` and `slot_size` (sizes with a K/M/G suffix).
+pub fn parse_hotplug_options(s: &str) -> Result<hotplug::VirtioMemConfig, String> {
+    let mut items = s.split(',').map(str::trim);
+    let size = items.next().unwrap_or_default();
+    if size.is_empty() || size.contains('=') {
+        return Err("hotplug takes the region size first, e.g. 1G or 1G,block_size=2M".into());
+    }
+    let size: ByteSize = size.parse().map_err(|e| format!("hotplug size: {e}"))?;
+    let mut config = hotplug::VirtioMemConfig::new(size.bytes());
+    for item in items.filter(|i| !i.is_empty()) {
+        let (key, value) = item
+            .split_once('=')
+            .ok_or_else(|| format!("hotplug option '{item}' is not key=value"))?;
+        let field = match key {
+            "block_size" => &mut config.block_size,
+            "slot_size" => &mut config.slot_size,
+            _ => {
+                return Err(format!(
+                    "unknown hotplug option '{key}' (expected block_size, slot_size)"
+                ))
+            }
+        };
+        *field = value
+            .parse()
+            .map_err(|e| format!("hotplug option {key}: {e}"))?;
+    }
+    // Everything but the address can be checked now; the VMM places the region.
+    hotplug::VirtioMemConfig {
+        region_addr: Some(0),
+        ..config
+    }
+    .validate()
+    .map_err(|e| format!("hotplug: {e}"))?;
+    Ok(config)
+}
+
 /// A `--config` file: every `memvisor run` flag, all optional; flags given on the command line
 /// override it. JSON or TOML (by extension: `.toml` is TOML, anything else JSON).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -206,6 +262,10 @@ pub struct RunFile {
     pub api_socket: Option<PathBuf>,
     /// `--mergeable`.
     pub mergeable: Option<bool>,
+    /// `--hotplug`, as a table/object (`region_size`, `block_size`, `slot_size`).
+    pub hotplug: Option<hotplug::VirtioMemConfig>,
+    /// `--swap-dir`.
+    pub swap_dir: Option<PathBuf>,
 }
 
 fn opt_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<ByteSize>, D::Error> {
@@ -314,6 +374,31 @@ mod tests {
         let e = parse_balloon_options("inflate=on").expect_err("unknown key");
         assert!(e.contains("unknown balloon option 'inflate'"), "{e}");
         assert!(parse_balloon_options("deflate_on_oom").is_err());
+    }
+
+    #[test]
+    fn hotplug_options_parse_and_reject_bad_sizes() {
+        let c = parse_hotplug_options("1G").expect("size only");
+        assert_eq!(c.region_size, ByteSize(1 << 30));
+        assert_eq!(c.block_size, ByteSize(hotplug::DEFAULT_BLOCK_SIZE));
+        assert_eq!(c.region_addr, None);
+        let c = parse_hotplug_options("512M,block_size=4M").expect("with block size");
+        assert_eq!(c.block_size, ByteSize(4 << 20));
+        for bad in [
+            "",
+            "block_size=2M",
+            "lots",
+            "1G,block_size=3M",
+            "1G,block_size",
+            "1G,colour=red",
+            "1G+1",
+            "0",
+        ] {
+            let e = parse_hotplug_options(bad).expect_err(bad);
+            assert!(!e.contains('\n'), "{bad}: {e}");
+        }
+        let e = parse_hotplug_options("1G,colour=red").expect_err("unknown");
+        assert!(e.contains("unknown hotplug option 'colour'"), "{e}");
     }
 
     #[test]

@@ -19,8 +19,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 
 use crate::action::{
-    BalloonInfo, BalloonRequest, BalloonStatsInfo, ErrorBody, RunState, StateRequest, VmInfo,
-    VmList,
+    BalloonInfo, BalloonRequest, BalloonStatsInfo, ErrorBody, MemoryRequest, RunState,
+    StateRequest, SwapRequest, VmInfo, VmList,
 };
 
 /// `memvisor ctl` arguments; the CLI embeds them as `Command::Ctl(CtlArgs)`.
@@ -90,6 +90,27 @@ pub enum CtlCommand {
     },
     /// Show host-wide state: KSM settings and counters.
     Host,
+    /// Ask the guest to have SIZE of virtio-mem memory plugged (e.g. `resize 256M`), or show
+    /// the hotplug region with plugged and requested sizes.
+    Resize {
+        /// Requested plugged size (K/M/G suffix; 0 unplugs everything the guest can).
+        size: Option<memory::ByteSize>,
+        /// The VM's id.
+        #[arg(long, default_value = "vm0")]
+        id: String,
+    },
+    /// Swap the VM's RAM out until SIZE is in its swap file (`swap 0` brings everything back),
+    /// waiting until done; without SIZE, show the swapper's state and counters.
+    Swap {
+        /// Target swapped size (K/M/G suffix).
+        size: Option<memory::ByteSize>,
+        /// Return once the work has started instead of waiting for it.
+        #[arg(long)]
+        no_wait: bool,
+        /// The VM's id.
+        #[arg(long, default_value = "vm0")]
+        id: String,
+    },
 }
 
 /// The request a command sends: method, path and JSON body.
@@ -133,8 +154,40 @@ pub fn command_request(command: &CtlCommand) -> (Method, String, Option<Vec<u8>>
         }
         CtlCommand::Sharing { id } => (Method::GET, format!("/api/v1/vms/{id}/sharing"), None),
         CtlCommand::Host => (Method::GET, "/api/v1/host".into(), None),
+        CtlCommand::Resize {
+            size: Some(size),
+            id,
+        } => (
+            Method::PUT,
+            format!("/api/v1/vms/{id}/memory"),
+            serde_json::to_vec(&MemoryRequest {
+                requested_mib: size.mib(),
+            })
+            .ok(),
+        ),
+        CtlCommand::Resize { size: None, id } => {
+            (Method::GET, format!("/api/v1/vms/{id}/memory"), None)
+        }
+        CtlCommand::Swap {
+            size: Some(size),
+            id,
+            ..
+        } => (
+            Method::PUT,
+            format!("/api/v1/vms/{id}/swap"),
+            serde_json::to_vec(&SwapRequest {
+                target_mib: size.mib(),
+            })
+            .ok(),
+        ),
+        CtlCommand::Swap { size: None, id, .. } => {
+            (Method::GET, format!("/api/v1/vms/{id}/swap"), None)
+        }
     }
 }
+
+/// How often `ctl swap SIZE` polls until the swapper is done.
+const SWAP_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Runs one `memvisor ctl` command, printing to stdout.
 pub fn run_ctl(args: &CtlArgs) -> anyhow::Result<()> {
@@ -147,13 +200,32 @@ pub fn run_ctl(args: &CtlArgs) -> anyhow::Result<()> {
 pub fn run_ctl_to(args: &CtlArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let mut client = ApiClient::new(&args.api_socket)?;
     let (method, path, body) = command_request(&args.command);
-    let reply = client.request(method.clone(), &path, body)?;
+    let mut reply = client.request(method.clone(), &path, body)?;
     if !reply.status.is_success() {
         anyhow::bail!(
             "{} ({} for {method} {path})",
             reply.error_text(),
             reply.status
         );
+    }
+    if let CtlCommand::Swap {
+        size: Some(_),
+        no_wait: false,
+        ..
+    } = &args.command
+    {
+        // The swap-out runs in the background: poll until the swapper is idle again.
+        while serde_json::from_slice::<serde_json::Value>(&reply.body)
+            .ok()
+            .and_then(|v| v.get("busy").and_then(serde_json::Value::as_bool))
+            .unwrap_or(false)
+        {
+            std::thread::sleep(SWAP_POLL);
+            reply = client.request(Method::GET, &path, None)?;
+            if !reply.status.is_success() {
+                anyhow::bail!("{} ({} for GET {path})", reply.error_text(), reply.status);
+            }
+        }
     }
     if args.json {
         out.write_all(&reply.body)?;
@@ -226,7 +298,23 @@ fn render(command: &CtlCommand, reply: &HttpReply) -> anyhow::Result<String> {
                 mib(b.actual_mib)
             )
         }
-        CtlCommand::Sharing { .. } | CtlCommand::Host => {
+        CtlCommand::Resize { id, .. } => {
+            let m: hotplug::VirtioMemStatus = serde_json::from_slice(&reply.body)?;
+            format!(
+                "{id}: plugged {}, requested {} (region {} at {:#x}, blocks of {} KiB{})\n",
+                mib(m.plugged_mib),
+                mib(m.requested_mib),
+                mib(m.region_size_mib),
+                m.region_addr,
+                m.block_size_bytes >> 10,
+                if m.driver_active {
+                    ""
+                } else {
+                    ", no guest driver yet"
+                }
+            )
+        }
+        CtlCommand::Sharing { .. } | CtlCommand::Host | CtlCommand::Swap { .. } => {
             let value: serde_json::Value = serde_json::from_slice(&reply.body)?;
             let mut s = String::new();
             render_json(&value, 0, &mut s);

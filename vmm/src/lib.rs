@@ -20,7 +20,9 @@ pub mod config;
 pub mod console;
 pub mod controller;
 pub mod ctl;
+pub mod memslots;
 pub mod metrics;
+pub mod swap;
 pub mod vcpu;
 pub mod vm;
 

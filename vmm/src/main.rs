@@ -64,6 +64,14 @@ struct RunArgs {
     /// Back guest RAM with transparent huge pages (default: on).
     #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
     thp: Option<bool>,
+    /// Add a virtio-mem device with a hotplug region of SIZE (placed above RAM); options:
+    /// block_size=SIZE (default 2M), slot_size=SIZE (default 128M), comma separated.
+    #[arg(long, value_name = "SIZE[,OPTIONS]", value_parser = vmm::config::parse_hotplug_options)]
+    hotplug: Option<hotplug::VirtioMemConfig>,
+    /// Directory for the VM's swap file (default: the API socket's directory, else the current
+    /// directory). The file is created at the first swap request and removed at exit.
+    #[arg(long, value_name = "DIR")]
+    swap_dir: Option<PathBuf>,
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -119,7 +127,18 @@ fn build_config(args: RunArgs, file: RunFile, guest_dir: &Path) -> (VmConfig, Op
     if let Some(thp) = args.thp.or(file.thp) {
         config.thp = thp;
     }
-    (config, args.api_socket.or(file.api_socket))
+    if let Some(hotplug) = args.hotplug.or(file.hotplug) {
+        config.hotplug = Some(hotplug);
+    }
+    let api_socket = args.api_socket.or(file.api_socket);
+    config.swap_dir = args.swap_dir.or(file.swap_dir).or_else(|| {
+        api_socket
+            .as_deref()
+            .and_then(Path::parent)
+            .filter(|d| !d.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+    });
+    (config, api_socket)
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {

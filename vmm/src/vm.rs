@@ -11,9 +11,8 @@ use devices::virtio::mmio::{MMIO_SIZE, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::{mmio_cmdline_fragment, MmioTransport, VirtioDevice};
 use devices::{Bus, EventFdTrigger};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
-use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
-};
+use hotplug::VirtioMem;
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use memory::GuestRam;
 use vmm_sys_util::epoll::EventSet;
@@ -30,6 +29,8 @@ use crate::compat::HostCompat;
 use crate::config::{host_memory_bytes, ConfigError, VmConfig};
 use crate::console::{ConsoleState, ConsoleTap};
 use crate::controller::{Reply, Request, VmHandle, WakeSubscriber};
+use crate::memslots::{map_ram, GuestDiscard, KvmMemslots};
+use crate::swap::{AgeSampler, VmSwap};
 use crate::vcpu::{install_kick_handler, kick_signal, Vcpu, VmExit, VmShared};
 
 /// Errors while building or running a VM.
@@ -128,6 +129,7 @@ impl MutEventSubscriber for ExitWatcher {
 #[derive(Default)]
 struct Devices {
     balloon: Option<Arc<Mutex<Balloon>>>,
+    mem: Option<Arc<Mutex<VirtioMem>>>,
 }
 
 /// Hands out virtio-mmio windows and IRQs and wires each transport to KVM.
@@ -256,6 +258,10 @@ pub struct Vm {
     sharing: memory::sharing::SharingSampler,
     last_sharing: Option<memory::sharing::SharingStats>,
     _ksm_guard: Option<memory::ksm::KsmGuard>,
+    swap: Arc<VmSwap>,
+    age_sampler: bool,
+    /// The virtio-mem region's memory (also held by the device), for residency figures.
+    hotplug_ram: Option<GuestRam>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -298,7 +304,7 @@ impl Vm {
                 max,
             });
         }
-        let vm_fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+        let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
         vm_fd
             .set_tss_address(layout::KVM_TSS_START as usize)
             .map_err(kvm_err("set the TSS address"))?;
@@ -343,18 +349,7 @@ impl Vm {
                 tracing::warn!("guest RAM stays on 4K pages: {e}");
             }
         }
-        for (slot, (range, host)) in ram.host_ranges().into_iter().enumerate() {
-            let region = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: range.start.0,
-                memory_size: range.size,
-                userspace_addr: host as u64,
-            };
-            // SAFETY: the host range is a live mapping owned by `ram`, which the VM keeps for
-            // as long as the KVM VM exists (fields drop after the vCPU threads are joined).
-            unsafe { vm_fd.set_user_memory_region(region) }.map_err(kvm_err("add guest RAM"))?;
-        }
+        map_ram(&vm_fd, &ram, false).map_err(kvm_err("add guest RAM"))?;
 
         phase("guest RAM mapped");
         let mem = ram.memory();
@@ -370,18 +365,76 @@ impl Vm {
             EventManager::new().map_err(|e| VmError::EventLoop(e.to_string()))?;
         events.add_subscriber(Arc::new(Mutex::new(ExitWatcher(shared.clone()))));
 
+        let swap = Arc::new(VmSwap::new(
+            config.swap_dir.as_deref(),
+            ram.clone(),
+            vm_fd.clone(),
+            shared.clone(),
+        ));
+
         let mut mmio_bus = Bus::new();
         let mut slots = VirtioSlots::new();
         let mut devices = Devices::default();
+        // What devices see: guest RAM, plus the hotplug region (the guest may hand a device
+        // buffers in plugged memory, e.g. balloon pages).
+        let mut device_mem = mem.clone();
+        let mut hotplug_ram = None;
+        if let Some(hp_config) = config.hotplug {
+            let dev_err = |reason: String| VmError::Device {
+                device: "virtio-mem",
+                reason,
+            };
+            let ram_layout: Vec<(u64, u64)> =
+                ram.ranges().iter().map(|r| (r.start.0, r.size)).collect();
+            let placed = hp_config
+                .placed(&ram_layout)
+                .map_err(|e| dev_err(e.to_string()))?;
+            let memslots = KvmMemslots::new(vm_fd.clone(), ram.ranges().len() as u32);
+            let device =
+                VirtioMem::new(placed, Box::new(memslots)).map_err(|e| dev_err(e.to_string()))?;
+            let region_ram = device.ram().clone();
+            for r in region_ram.ranges() {
+                let (_, region) = region_ram
+                    .memory()
+                    .remove_region(r.start, r.size)
+                    .map_err(|e| dev_err(e.to_string()))?;
+                device_mem = device_mem
+                    .insert_region(region)
+                    .map_err(|e| dev_err(e.to_string()))?;
+            }
+            tracing::info!(
+                "virtio-mem: {} MiB hotplug region at {:#x}, blocks of {} KiB",
+                placed.region_size.bytes() >> 20,
+                region_ram.ranges().first().map_or(0, |r| r.start.0),
+                placed.block_size.bytes() >> 10
+            );
+            let device = Arc::new(Mutex::new(device));
+            slots.attach(
+                "virtio-mem",
+                device.clone(),
+                &vm_fd,
+                &device_mem,
+                &mut mmio_bus,
+            )?;
+            events.add_subscriber(device.clone());
+            devices.mem = Some(device);
+            hotplug_ram = Some(region_ram);
+        }
         if let Some(balloon_config) = config.balloon {
-            let balloon = Balloon::new(balloon_config, Arc::new(ram.clone())).map_err(|e| {
-                VmError::Device {
+            let discard = GuestDiscard::new(ram.clone(), swap.swapper_cell(), hotplug_ram.clone());
+            let balloon =
+                Balloon::new(balloon_config, Arc::new(discard)).map_err(|e| VmError::Device {
                     device: "balloon",
                     reason: e.to_string(),
-                }
-            })?;
+                })?;
             let balloon = Arc::new(Mutex::new(balloon));
-            slots.attach("balloon", balloon.clone(), &vm_fd, mem, &mut mmio_bus)?;
+            slots.attach(
+                "balloon",
+                balloon.clone(),
+                &vm_fd,
+                &device_mem,
+                &mut mmio_bus,
+            )?;
             events.add_subscriber(balloon.clone());
             devices.balloon = Some(balloon);
         }
@@ -389,6 +442,11 @@ impl Vm {
 
         let mut additions: Vec<&str> = compat.cmdline_additions().into_iter().collect();
         additions.extend(slots.cmdline.iter().map(String::as_str));
+        // Plugged virtio-mem memory must be onlined as movable, or the guest can never unplug
+        // it again; the user's own choice wins.
+        if config.hotplug.is_some() && !config.base_cmdline().contains("memhp_default_state=") {
+            additions.push("memhp_default_state=online_movable");
+        }
         let cmdline = boot::build_cmdline(config.base_cmdline(), &additions)?;
         let cr3 = boot::configure_system(mem, &cmdline, &kernel, initrd, mem_bytes, config.cpus)?;
         tracing::debug!(
@@ -420,7 +478,6 @@ impl Vm {
         let io_bus = Arc::new(io_bus);
         let mmio_bus = Arc::new(mmio_bus);
 
-        let vm_fd = Arc::new(vm_fd);
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("report CPUID"))?;
@@ -467,6 +524,9 @@ impl Vm {
             sharing: memory::sharing::SharingSampler::new(memory::sharing::SharingConfig::default()),
             last_sharing: None,
             _ksm_guard: ksm_guard,
+            swap,
+            age_sampler: false,
+            hotplug_ram,
         })
     }
 
@@ -520,16 +580,49 @@ impl Vm {
     pub fn info(&self) -> VmInfo {
         let boot_mib = self.config.memory.mib();
         let ballooned_mib = self.balloon_info().map_or(0, |b| b.actual_mib);
+        let plugged_mib = self.memory_status().map_or(0, |m| m.plugged_mib);
         VmInfo {
             id: self.id.clone(),
             config: self.config.clone(),
             state: self.state(),
             memory: MemoryInfo {
                 boot_mib,
-                guest_visible_mib: boot_mib.saturating_sub(ballooned_mib),
-                host_resident_mib: self.ram.resident_bytes().unwrap_or(0) >> 20,
+                guest_visible_mib: (boot_mib + plugged_mib).saturating_sub(ballooned_mib),
+                host_resident_mib: self.resident_bytes() >> 20,
             },
         }
+    }
+
+    /// Host memory resident for the guest: RAM and the hotplug region.
+    fn resident_bytes(&self) -> u64 {
+        let hp = self
+            .hotplug_ram
+            .as_ref()
+            .map_or(0, |r| r.resident_bytes().unwrap_or(0));
+        self.ram.resident_bytes().unwrap_or(0) + hp
+    }
+
+    fn memory_status(&self) -> Option<hotplug::VirtioMemStatus> {
+        Some(self.devices.mem.as_ref()?.lock().ok()?.status())
+    }
+
+    fn mem_device(&self) -> Result<&Arc<Mutex<VirtioMem>>, ActionError> {
+        self.devices.mem.as_ref().ok_or_else(|| {
+            ActionError::BadRequest(format!(
+                "{} has no virtio-mem device (start it with --hotplug)",
+                self.id
+            ))
+        })
+    }
+
+    /// The virtio-mem device, if the VM has one.
+    pub fn virtio_mem(&self) -> Option<&Arc<Mutex<VirtioMem>>> {
+        self.devices.mem.as_ref()
+    }
+
+    /// The VM's swap (armed at the first swap request).
+    pub fn swap(&self) -> &Arc<VmSwap> {
+        &self.swap
     }
 
     fn balloon_info(&self) -> Option<BalloonInfo> {
@@ -544,7 +637,7 @@ impl Vm {
     pub fn metrics_text(&self) -> String {
         let mut text = crate::metrics::PromText::new();
         text.vmm_resident();
-        text.guest_ram_resident(&self.id, self.ram.resident_bytes().unwrap_or(0));
+        text.guest_ram_resident(&self.id, self.resident_bytes());
         text.exit_counters(&self.id, &self.shared.exits);
         if let Some(st) = &self.last_sharing {
             // From the latest `GET /vms/{id}/sharing` sample (sampling has a cost, so a scrape
@@ -619,6 +712,16 @@ impl Vm {
             if let Some(metrics) = metrics {
                 text.device_counters(&self.id, "balloon0", &metrics.values());
             }
+        }
+        if let Some(mem) = &self.devices.mem {
+            let metrics = mem.lock().map(|m| m.metrics()).ok();
+            if let Some(metrics) = metrics {
+                text.device_counters(&self.id, "mem0", &metrics.values());
+            }
+        }
+        let swap = self.swap.metrics();
+        if !swap.is_empty() {
+            text.device_counters(&self.id, "swap", &swap);
         }
         text.finish()
     }
@@ -708,6 +811,45 @@ impl Vm {
                     .map_err(|e| ActionError::Internal(e.to_string()))
             }
             Action::GetHost => Ok(ActionReply::Json(Self::host_info())),
+            Action::SetMemory(req) => {
+                let status = {
+                    let mut mem = self.mem_device()?.lock().map_err(|_| {
+                        ActionError::Internal("the virtio-mem device failed".into())
+                    })?;
+                    mem.set_requested_mib(req.requested_mib).map_err(|e| {
+                        if e.is_bad_request() {
+                            ActionError::BadRequest(e.to_string())
+                        } else {
+                            ActionError::Internal(e.to_string())
+                        }
+                    })?;
+                    mem.status()
+                };
+                Ok(ActionReply::Memory(status))
+            }
+            Action::GetMemory => {
+                self.mem_device()?;
+                self.memory_status()
+                    .map(ActionReply::Memory)
+                    .ok_or_else(|| ActionError::Internal("the virtio-mem device failed".into()))
+            }
+            Action::SetSwap(req) => {
+                self.swap.request(req.target_mib)?;
+                if !self.age_sampler && self.swap.swapper().is_some() {
+                    let sampler = AgeSampler::new(self.swap.clone())
+                        .map_err(|e| ActionError::Internal(format!("page-age timer: {e}")))?;
+                    self.events.add_subscriber(Arc::new(Mutex::new(sampler)));
+                    self.age_sampler = true;
+                }
+                Ok(ActionReply::Swap {
+                    status: self.swap.status_json(),
+                    accepted: true,
+                })
+            }
+            Action::GetSwap => Ok(ActionReply::Swap {
+                status: self.swap.status_json(),
+                accepted: false,
+            }),
             Action::GetBalloonStats => {
                 let balloon = self.balloon_device()?;
                 let latest = balloon
@@ -938,6 +1080,8 @@ impl Vm {
         self.shared
             .stop
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        // A vCPU blocked on a page fault of a failed swapper only gets out once it lets go.
+        self.swap.shutdown();
         for handle in self.threads.drain(..) {
             // A kick can land just before the thread enters KVM_RUN; repeat until it leaves.
             while !handle.is_finished() {

@@ -8,8 +8,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::action::{
-    Action, ActionError, ActionHandler, ActionReply, BalloonRequest, ErrorBody, ShutdownRequest,
-    StateRequest,
+    Action, ActionError, ActionHandler, ActionReply, BalloonRequest, ErrorBody, MemoryRequest,
+    ShutdownRequest, StateRequest, SwapRequest,
 };
 use crate::metrics;
 
@@ -36,6 +36,14 @@ pub enum RouteKind {
     GetSharing,
     /// `GET /api/v1/host`.
     GetHost,
+    /// `PUT /api/v1/vms/{id}/memory` with a [`MemoryRequest`].
+    SetMemory,
+    /// `GET /api/v1/vms/{id}/memory`.
+    GetMemory,
+    /// `PUT /api/v1/vms/{id}/swap` with a [`SwapRequest`].
+    SetSwap,
+    /// `GET /api/v1/vms/{id}/swap`.
+    GetSwap,
 }
 
 /// One route: a method and a path template, where `{id}` stands for one path segment.
@@ -100,6 +108,26 @@ pub const ROUTES: &[Route] = &[
         method: "GET",
         path: "/api/v1/host",
         kind: RouteKind::GetHost,
+    },
+    Route {
+        method: "PUT",
+        path: "/api/v1/vms/{id}/memory",
+        kind: RouteKind::SetMemory,
+    },
+    Route {
+        method: "GET",
+        path: "/api/v1/vms/{id}/memory",
+        kind: RouteKind::GetMemory,
+    },
+    Route {
+        method: "PUT",
+        path: "/api/v1/vms/{id}/swap",
+        kind: RouteKind::SetSwap,
+    },
+    Route {
+        method: "GET",
+        path: "/api/v1/vms/{id}/swap",
+        kind: RouteKind::GetSwap,
     },
 ];
 
@@ -241,7 +269,9 @@ fn build_action(route: &Route, body: &[u8]) -> Result<Action, String> {
         | RouteKind::GetBalloon
         | RouteKind::GetBalloonStats
         | RouteKind::GetSharing
-        | RouteKind::GetHost => {
+        | RouteKind::GetHost
+        | RouteKind::GetMemory
+        | RouteKind::GetSwap => {
             if !body.is_empty() {
                 return Err(format!("{} {} takes no body", route.method, route.path));
             }
@@ -252,6 +282,8 @@ fn build_action(route: &Route, body: &[u8]) -> Result<Action, String> {
                 RouteKind::GetBalloonStats => Action::GetBalloonStats,
                 RouteKind::GetSharing => Action::GetSharing,
                 RouteKind::GetHost => Action::GetHost,
+                RouteKind::GetMemory => Action::GetMemory,
+                RouteKind::GetSwap => Action::GetSwap,
                 _ => Action::Metrics,
             })
         }
@@ -261,6 +293,20 @@ fn build_action(route: &Route, body: &[u8]) -> Result<Action, String> {
             }
             let req: BalloonRequest = parse_body(body)?;
             Ok(Action::SetBalloon(req))
+        }
+        RouteKind::SetMemory => {
+            if is_blank(body) {
+                return Err(r#"missing body: expected {"requested_mib": N}"#.to_owned());
+            }
+            let req: MemoryRequest = parse_body(body)?;
+            Ok(Action::SetMemory(req))
+        }
+        RouteKind::SetSwap => {
+            if is_blank(body) {
+                return Err(r#"missing body: expected {"target_mib": N}"#.to_owned());
+            }
+            let req: SwapRequest = parse_body(body)?;
+            Ok(Action::SetSwap(req))
         }
         RouteKind::SetState => {
             if is_blank(body) {
@@ -294,6 +340,10 @@ pub fn reply_response(result: Result<ActionReply, ActionError>) -> ApiResponse {
         Ok(ActionReply::Balloon(info)) => ApiResponse::json(200, &info),
         Ok(ActionReply::BalloonStats(stats)) => ApiResponse::json(200, &stats),
         Ok(ActionReply::Json(value)) => ApiResponse::json(200, &value),
+        Ok(ActionReply::Memory(status)) => ApiResponse::json(200, &status),
+        Ok(ActionReply::Swap { status, accepted }) => {
+            ApiResponse::json(if accepted { 202 } else { 200 }, &status)
+        }
         Ok(ActionReply::Metrics(text)) => ApiResponse {
             status: 200,
             content_type: Some(metrics::CONTENT_TYPE),
