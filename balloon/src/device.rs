@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use devices::virtio::{
-    device_type, read_config_bytes, Activation, InterruptKind, VirtioDevice, VirtioError,
-    VirtioInterrupt, VIRTIO_F_VERSION_1,
+    device_type, read_config_bytes, Activation, InterruptKind, VirtioDevice, VirtioDeviceState,
+    VirtioError, VirtioInterrupt,
 };
 use memory::DiscardRam;
 use serde::{Deserialize, Serialize};
@@ -190,11 +190,8 @@ pub struct PagesOutcome {
 /// The virtio-balloon device.
 pub struct Balloon {
     pub(crate) config: BalloonConfig,
-    avail_features: u64,
-    acked_features: u64,
-    queue_max_sizes: Vec<u16>,
+    virtio: VirtioDeviceState,
     config_space: BalloonConfigSpace,
-    config_generation: u32,
     discard: Arc<dyn DiscardRam>,
     pub(crate) metrics: Arc<BalloonMetrics>,
     pub(crate) activate_evt: EventFd,
@@ -210,7 +207,7 @@ impl std::fmt::Debug for Balloon {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Balloon")
             .field("config", &self.config)
-            .field("acked_features", &self.acked_features)
+            .field("acked_features", &self.virtio.acked_features())
             .field("config_space", &self.config_space)
             .field("active", &self.active.is_some())
             .finish_non_exhaustive()
@@ -221,7 +218,7 @@ impl Balloon {
     /// A balloon offering what `config` asks for, giving pages back through `discard` (the VM's
     /// `memory::GuestRam`).
     pub fn new(config: BalloonConfig, discard: Arc<dyn DiscardRam>) -> Result<Self, BalloonError> {
-        let mut avail_features = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_BALLOON_F_MUST_TELL_HOST;
+        let mut avail_features = 1 << VIRTIO_BALLOON_F_MUST_TELL_HOST;
         let mut queues = 2;
         if config.stats_interval_s > 0 {
             avail_features |= 1 << VIRTIO_BALLOON_F_STATS_VQ;
@@ -238,11 +235,8 @@ impl Balloon {
         set_nonblocking(&stats_timer)?;
         Ok(Balloon {
             config,
-            avail_features,
-            acked_features: 0,
-            queue_max_sizes: vec![QUEUE_SIZE; queues],
+            virtio: VirtioDeviceState::new(avail_features, vec![QUEUE_SIZE; queues]),
             config_space: BalloonConfigSpace::default(),
-            config_generation: 0,
             discard,
             metrics: Arc::new(BalloonMetrics::default()),
             activate_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(BalloonError::Event)?,
@@ -272,7 +266,7 @@ impl Balloon {
             .and_then(|p| u32::try_from(p).ok())
             .ok_or(BalloonError::TargetTooLarge { target_mib })?;
         self.config_space.num_pages = pages;
-        self.config_generation = self.config_generation.wrapping_add(1);
+        self.virtio.config_changed();
         if let Some(active) = &self.active {
             active
                 .interrupt
@@ -299,16 +293,13 @@ impl Balloon {
             .map(|(s, at)| (s.clone(), at.elapsed()))
     }
 
-    fn has_feature(&self, bit: u32) -> bool {
-        self.acked_features & (1 << bit) != 0
-    }
-
     fn role_indices(&self) -> Vec<QueueRole> {
+        let acked = |bit| self.virtio.has_feature(bit);
         let mut roles = vec![QueueRole::Inflate, QueueRole::Deflate];
-        if self.has_feature(VIRTIO_BALLOON_F_STATS_VQ) {
+        if acked(VIRTIO_BALLOON_F_STATS_VQ) {
             roles.push(QueueRole::Stats);
         }
-        if self.has_feature(VIRTIO_BALLOON_F_FREE_PAGE_REPORTING) {
+        if acked(VIRTIO_BALLOON_F_FREE_PAGE_REPORTING) {
             roles.push(QueueRole::Reporting);
         }
         roles
@@ -324,52 +315,33 @@ impl Balloon {
             discard,
             ..
         } = self;
-        let Some(ActiveState {
-            mem,
-            interrupt,
-            queues,
-            ..
-        }) = active.as_mut()
-        else {
+        let Some(mut q) = ActiveQueue::of(active, role) else {
             return Ok(());
         };
-        let Some((index, queue)) = queues[role as usize].as_mut() else {
-            return Ok(());
-        };
+        let (mem, metrics) = (q.mem, &**metrics);
         let discard = (role == QueueRole::Inflate).then_some(&**discard);
         let page_counter = match role {
             QueueRole::Inflate => &metrics.inflated_pages,
             _ => &metrics.deflated_pages,
         };
         let mut pfns = Vec::new();
-        let mut heads = Vec::new();
         let flush = |pfns: &mut Vec<u64>| {
             let outcome = process_pages(pfns, mem, discard);
             pfns.clear();
             BalloonMetrics::add(page_counter, outcome.pages);
             record_pages_outcome(metrics, &outcome);
         };
-        while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
-            heads.push(chain.head_index());
-            let mut descriptors = 0;
-            for desc in chain {
-                descriptors += 1;
-                if let Err(e) = process_pfn_descriptor(mem, &desc, &mut pfns) {
-                    tracing::debug!("balloon: {role:?} descriptor skipped: {e}");
-                    BalloonMetrics::add(&metrics.bad_descriptors, 1);
-                }
-                if pfns.len() >= MAX_PENDING_PFNS {
-                    flush(&mut pfns);
-                }
+        let heads = q.walk_descriptors(metrics, format_args!("{role:?} descriptor"), |desc| {
+            let read = process_pfn_descriptor(mem, desc, &mut pfns);
+            if pfns.len() >= MAX_PENDING_PFNS {
+                flush(&mut pfns);
             }
-            if descriptors == 0 {
-                BalloonMetrics::add(&metrics.bad_descriptors, 1);
-            }
-        }
+            read
+        });
         if !pfns.is_empty() {
             flush(&mut pfns);
         }
-        finish_chains(queue, *index, mem, interrupt.as_ref(), metrics, &heads)
+        q.finish(metrics, &heads)
     }
 
     /// Processes the free page reporting queue: every reported range is discarded.
@@ -380,41 +352,19 @@ impl Balloon {
             discard,
             ..
         } = self;
-        let Some(ActiveState {
-            mem,
-            interrupt,
-            queues,
-            ..
-        }) = active.as_mut()
-        else {
+        let Some(mut q) = ActiveQueue::of(active, QueueRole::Reporting) else {
             return Ok(());
         };
-        let Some((index, queue)) = queues[QueueRole::Reporting as usize].as_mut() else {
-            return Ok(());
-        };
-        let mut heads = Vec::new();
+        let mem = q.mem;
         let mut ranges = Vec::new();
-        while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
-            heads.push(chain.head_index());
-            let mut descriptors = 0;
-            for desc in chain {
-                descriptors += 1;
-                match process_report_descriptor(mem, &desc) {
-                    Ok(range) => ranges.push(range),
-                    Err(e) => {
-                        tracing::debug!("balloon: reported range skipped: {e}");
-                        BalloonMetrics::add(&metrics.bad_descriptors, 1);
-                    }
-                }
-            }
-            if descriptors == 0 {
-                BalloonMetrics::add(&metrics.bad_descriptors, 1);
-            }
-        }
+        let heads = q.walk_descriptors(metrics, format_args!("reported range"), |desc| {
+            ranges.push(process_report_descriptor(mem, desc)?);
+            Ok(())
+        });
         let outcome = process_ranges(merge_ranges(&mut ranges), mem, Some(&**discard));
         BalloonMetrics::add(&metrics.reported_pages, outcome.pages);
         record_pages_outcome(metrics, &outcome);
-        finish_chains(queue, *index, mem, interrupt.as_ref(), metrics, &heads)
+        q.finish(metrics, &heads)
     }
 
     /// Processes the stats queue: records the stats the guest sent and keeps its buffer until
@@ -427,22 +377,13 @@ impl Balloon {
             latest_stats,
             ..
         } = self;
-        let Some(ActiveState {
-            mem,
-            interrupt,
-            queues,
-            ..
-        }) = active.as_mut()
-        else {
-            return Ok(());
-        };
-        let Some((index, queue)) = queues[QueueRole::Stats as usize].as_mut() else {
+        let Some(q) = ActiveQueue::of(active, QueueRole::Stats) else {
             return Ok(());
         };
         let mut returned = Vec::new();
-        while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
+        while let Some(chain) = q.queue.pop_descriptor_chain(q.mem) {
             let head = chain.head_index();
-            match process_stats_chain(mem, chain) {
+            match process_stats_chain(q.mem, chain) {
                 Ok(stats) => {
                     *latest_stats = Some((stats, Instant::now()));
                     BalloonMetrics::add(&metrics.stats_updates, 1);
@@ -458,7 +399,7 @@ impl Balloon {
                 returned.push(old);
             }
         }
-        finish_chains(queue, *index, mem, interrupt.as_ref(), metrics, &returned)
+        q.finish(metrics, &returned)
     }
 
     /// Asks the guest for fresh stats by giving its buffer back. If the guest has not answered
@@ -470,25 +411,83 @@ impl Balloon {
             stats_desc,
             ..
         } = self;
-        let Some(ActiveState {
-            mem,
-            interrupt,
-            queues,
-            ..
-        }) = active.as_mut()
-        else {
-            return Ok(());
-        };
-        let Some((index, queue)) = queues[QueueRole::Stats as usize].as_mut() else {
+        let Some(q) = ActiveQueue::of(active, QueueRole::Stats) else {
             return Ok(());
         };
         match stats_desc.take() {
-            Some(head) => finish_chains(queue, *index, mem, interrupt.as_ref(), metrics, &[head]),
+            Some(head) => q.finish(metrics, &[head]),
             None => {
                 BalloonMetrics::add(&metrics.stats_requests_missed, 1);
                 Ok(())
             }
         }
+    }
+}
+
+/// One queue of an active device and what answering on it takes.
+struct ActiveQueue<'a> {
+    mem: &'a GuestMemoryMmap,
+    interrupt: &'a dyn VirtioInterrupt,
+    /// The queue's transport index.
+    index: u16,
+    queue: &'a mut Queue,
+}
+
+impl<'a> ActiveQueue<'a> {
+    /// The queue of `role`; `None` if the device is not active or has no such queue.
+    fn of(active: &'a mut Option<ActiveState>, role: QueueRole) -> Option<Self> {
+        let ActiveState {
+            mem,
+            interrupt,
+            queues,
+            ..
+        } = active.as_mut()?;
+        let (index, queue) = queues[role as usize].as_mut()?;
+        Some(ActiveQueue {
+            mem,
+            interrupt: &**interrupt,
+            index: *index,
+            queue,
+        })
+    }
+
+    /// Pops every available chain and hands each of its descriptors to `on_desc`. A descriptor
+    /// it refuses is logged as `what`, counted in `bad_descriptors` and skipped; a chain with
+    /// no descriptor is counted too. Returns the chains' heads, for [`Self::finish`].
+    fn walk_descriptors(
+        &mut self,
+        metrics: &BalloonMetrics,
+        what: std::fmt::Arguments<'_>,
+        mut on_desc: impl FnMut(&Descriptor) -> Result<(), BalloonError>,
+    ) -> Vec<u16> {
+        let mut heads = Vec::new();
+        while let Some(chain) = self.queue.pop_descriptor_chain(self.mem) {
+            heads.push(chain.head_index());
+            let mut descriptors = 0;
+            for desc in chain {
+                descriptors += 1;
+                if let Err(e) = on_desc(&desc) {
+                    tracing::debug!("balloon: {what} skipped: {e}");
+                    BalloonMetrics::add(&metrics.bad_descriptors, 1);
+                }
+            }
+            if descriptors == 0 {
+                BalloonMetrics::add(&metrics.bad_descriptors, 1);
+            }
+        }
+        heads
+    }
+
+    /// Returns `heads` to the guest with [`finish_chains`].
+    fn finish(self, metrics: &BalloonMetrics, heads: &[u16]) -> Result<(), BalloonError> {
+        finish_chains(
+            self.queue,
+            self.index,
+            self.mem,
+            self.interrupt,
+            metrics,
+            heads,
+        )
     }
 }
 
@@ -540,26 +539,44 @@ fn finish_chains(
     Ok(())
 }
 
+/// Appends the bytes of the device-readable descriptor `desc` to `out`: the checks the
+/// inflate/deflate and stats queues share, with `check_len` for what each accepts as a length.
+fn read_descriptor(
+    mem: &GuestMemoryMmap,
+    desc: &Descriptor,
+    out: &mut Vec<u8>,
+    check_len: impl FnOnce(u32) -> Result<(), BalloonError>,
+) -> Result<(), BalloonError> {
+    if desc.is_write_only() {
+        return Err(BalloonError::WriteOnlyDescriptor);
+    }
+    let len = desc.len();
+    check_len(len)?;
+    let addr = desc.addr();
+    if !GuestMemoryBackend::check_range(mem, addr, len as usize) {
+        return Err(BalloonError::OutsideMemory { addr: addr.0, len });
+    }
+    let start = out.len();
+    out.resize(start + len as usize, 0);
+    mem.read_slice(&mut out[start..], addr).map_err(|e| {
+        out.truncate(start);
+        BalloonError::Memory(e)
+    })
+}
+
 /// Reads the little-endian 32-bit PFNs of one inflate/deflate descriptor into `pfns`.
 pub fn process_pfn_descriptor(
     mem: &GuestMemoryMmap,
     desc: &Descriptor,
     pfns: &mut Vec<u64>,
 ) -> Result<(), BalloonError> {
-    if desc.is_write_only() {
-        return Err(BalloonError::WriteOnlyDescriptor);
-    }
-    let len = desc.len();
-    if len == 0 || !len.is_multiple_of(4) || len > MAX_PFN_DESC_BYTES {
-        return Err(BalloonError::BadLength { len, unit: 4 });
-    }
-    let addr = desc.addr();
-    if !GuestMemoryBackend::check_range(mem, addr, len as usize) {
-        return Err(BalloonError::OutsideMemory { addr: addr.0, len });
-    }
-    let mut buf = vec![0u8; len as usize];
-    mem.read_slice(&mut buf, addr)
-        .map_err(BalloonError::Memory)?;
+    let mut buf = Vec::new();
+    read_descriptor(mem, desc, &mut buf, |len| {
+        if len == 0 || !len.is_multiple_of(4) || len > MAX_PFN_DESC_BYTES {
+            return Err(BalloonError::BadLength { len, unit: 4 });
+        }
+        Ok(())
+    })?;
     pfns.extend(
         buf.chunks_exact(4)
             .map(|b| u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
@@ -603,26 +620,16 @@ where
     let mut descriptors = 0;
     for desc in chain {
         descriptors += 1;
-        if desc.is_write_only() {
-            return Err(BalloonError::WriteOnlyDescriptor);
-        }
-        let len = desc.len();
-        if bytes.len() + len as usize > MAX_STATS_BYTES {
-            return Err(BalloonError::BadLength {
-                len,
-                unit: STAT_SIZE as u32,
-            });
-        }
-        if !GuestMemoryBackend::check_range(mem, desc.addr(), len as usize) {
-            return Err(BalloonError::OutsideMemory {
-                addr: desc.addr().0,
-                len,
-            });
-        }
-        let start = bytes.len();
-        bytes.resize(start + len as usize, 0);
-        mem.read_slice(&mut bytes[start..], desc.addr())
-            .map_err(BalloonError::Memory)?;
+        let read = bytes.len();
+        read_descriptor(mem, &desc, &mut bytes, |len| {
+            if read + len as usize > MAX_STATS_BYTES {
+                return Err(BalloonError::BadLength {
+                    len,
+                    unit: STAT_SIZE as u32,
+                });
+            }
+            Ok(())
+        })?;
     }
     if descriptors == 0 {
         return Err(BalloonError::EmptyChain);
@@ -674,20 +681,12 @@ impl VirtioDevice for Balloon {
         device_type::BALLOON
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_max_sizes
+    fn virtio_state(&self) -> &VirtioDeviceState {
+        &self.virtio
     }
 
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
+    fn virtio_state_mut(&mut self) -> &mut VirtioDeviceState {
+        &mut self.virtio
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -712,27 +711,14 @@ impl VirtioDevice for Balloon {
         }
     }
 
-    fn config_generation(&self) -> u32 {
-        self.config_generation
-    }
-
     fn activate(&mut self, activation: Activation) -> Result<(), VirtioError> {
-        if self.active.is_some() {
-            return Err(VirtioError::AlreadyActive);
-        }
+        self.check_activation(&activation)?;
         let Activation {
             mem,
             queues,
             queue_evts,
             interrupt,
         } = activation;
-        let expected = self.queue_max_sizes.len();
-        if queues.len() != expected || queue_evts.len() != expected {
-            return Err(VirtioError::QueueCount {
-                expected,
-                got: queues.len().min(queue_evts.len()),
-            });
-        }
         let roles = self.role_indices();
         for (index, queue) in queues.iter().enumerate().take(roles.len()) {
             if !queue.ready() || !queue.is_valid(&mem) {
@@ -747,7 +733,7 @@ impl VirtioDevice for Balloon {
             by_role[role as usize] = Some((index as u16, queue));
             evts.push((role, evt));
         }
-        if self.has_feature(VIRTIO_BALLOON_F_STATS_VQ) && self.config.stats_interval_s > 0 {
+        if self.virtio.has_feature(VIRTIO_BALLOON_F_STATS_VQ) && self.config.stats_interval_s > 0 {
             let interval = Duration::from_secs(u64::from(self.config.stats_interval_s));
             if let Err(e) = self.stats_timer.reset(interval, Some(interval)) {
                 return Err(VirtioError::EventFd(e.into()));
@@ -781,7 +767,7 @@ impl VirtioDevice for Balloon {
         if let Err(e) = self.stats_timer.clear() {
             tracing::error!("balloon: cannot stop the stats timer: {e}");
         }
-        self.acked_features = 0;
+        self.virtio.reset();
         self.config_space.actual = 0;
         self.stats_desc = None;
     }

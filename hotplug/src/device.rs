@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use devices::virtio::{
-    device_type, read_config_bytes, Activation, InterruptKind, VirtioDevice, VirtioError,
-    VirtioInterrupt, VIRTIO_F_VERSION_1,
+    device_type, read_config_bytes, Activation, InterruptKind, VirtioDevice, VirtioDeviceState,
+    VirtioError, VirtioInterrupt,
 };
 use memory::{ByteSize, DiscardRam, GuestRam, RamError, RamRange, PAGE_SIZE};
 use serde::{Deserialize, Serialize};
@@ -760,10 +760,7 @@ pub(crate) struct ActiveState {
 /// The virtio-mem device.
 pub struct VirtioMem {
     config: VirtioMemConfig,
-    avail_features: u64,
-    acked_features: u64,
-    queue_max_sizes: [u16; 1],
-    config_generation: u32,
+    virtio: VirtioDeviceState,
     pub(crate) region: HotplugRegion,
     pub(crate) metrics: Arc<VirtioMemMetrics>,
     pub(crate) activate_evt: EventFd,
@@ -776,7 +773,7 @@ impl std::fmt::Debug for VirtioMem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VirtioMem")
             .field("config", &self.config)
-            .field("acked_features", &self.acked_features)
+            .field("acked_features", &self.virtio.acked_features())
             .field("plugged_size", &self.region.plugged_size())
             .field("requested_size", &self.region.requested_size)
             .field("active", &self.active.is_some())
@@ -817,10 +814,10 @@ impl VirtioMem {
         let metrics = Arc::new(VirtioMemMetrics::default());
         Ok(VirtioMem {
             config,
-            avail_features: 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
-            acked_features: 0,
-            queue_max_sizes: [QUEUE_SIZE],
-            config_generation: 0,
+            virtio: VirtioDeviceState::new(
+                1 << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
+                vec![QUEUE_SIZE],
+            ),
             region: HotplugRegion {
                 addr,
                 size,
@@ -957,11 +954,11 @@ impl VirtioMem {
     }
 
     fn config_changed(&mut self) {
-        self.config_generation = self.config_generation.wrapping_add(1);
+        self.virtio.config_changed();
     }
 
     fn unplugged_inaccessible(&self) -> bool {
-        self.acked_features & (1 << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE) != 0
+        self.virtio.has_feature(VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE)
     }
 
     /// Processes every available request: each is answered ACK, NACK, BUSY or ERROR; a chain
@@ -972,7 +969,7 @@ impl VirtioMem {
             region,
             active,
             metrics,
-            config_generation,
+            virtio,
             ..
         } = self;
         let Some(ActiveState {
@@ -993,7 +990,7 @@ impl VirtioMem {
                     let response =
                         region.handle_request(parse_request(&parts.request), inaccessible);
                     if region.plugged_size() != before {
-                        *config_generation = config_generation.wrapping_add(1);
+                        virtio.config_changed();
                     }
                     match write_response(mem, &parts.response, response) {
                         Ok(n) => n,
@@ -1033,20 +1030,12 @@ impl VirtioDevice for VirtioMem {
         device_type::MEM
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_max_sizes
+    fn virtio_state(&self) -> &VirtioDeviceState {
+        &self.virtio
     }
 
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
+    fn virtio_state_mut(&mut self) -> &mut VirtioDeviceState {
+        &mut self.virtio
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -1058,26 +1047,14 @@ impl VirtioDevice for VirtioMem {
         tracing::debug!("virtio-mem: write to read-only config offset {offset:#x} ignored");
     }
 
-    fn config_generation(&self) -> u32 {
-        self.config_generation
-    }
-
     fn activate(&mut self, activation: Activation) -> Result<(), VirtioError> {
-        if self.active.is_some() {
-            return Err(VirtioError::AlreadyActive);
-        }
+        self.check_activation(&activation)?;
         let Activation {
             mem,
             queues,
             queue_evts,
             interrupt,
         } = activation;
-        if queues.len() != 1 || queue_evts.len() != 1 {
-            return Err(VirtioError::QueueCount {
-                expected: 1,
-                got: queues.len().min(queue_evts.len()),
-            });
-        }
         let (Some(queue), Some(evt)) = (queues.into_iter().next(), queue_evts.into_iter().next())
         else {
             return Err(VirtioError::QueueCount {
@@ -1120,6 +1097,6 @@ impl VirtioDevice for VirtioMem {
                 }
             }
         }
-        self.acked_features = 0;
+        self.virtio.reset();
     }
 }

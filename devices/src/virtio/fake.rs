@@ -3,8 +3,8 @@
 use std::sync::Mutex;
 
 use super::{
-    read_config_bytes, Activation, InterruptKind, VirtioDevice, VirtioError, VirtioInterrupt,
-    VIRTIO_F_VERSION_1,
+    read_config_bytes, Activation, InterruptKind, VirtioDevice, VirtioDeviceState, VirtioError,
+    VirtioInterrupt,
 };
 
 /// A [`VirtioInterrupt`] that records every trigger.
@@ -43,9 +43,7 @@ impl VirtioInterrupt for FakeInterrupt {
 /// 8 bytes: the first 4 read-only (`0x11223344`), the last 4 writable.
 #[derive(Debug)]
 pub struct FakeDevice {
-    queue_max_sizes: Vec<u16>,
-    avail_features: u64,
-    acked_features: u64,
+    virtio: VirtioDeviceState,
     config: [u8; 8],
     activation: Option<Activation>,
     resets: usize,
@@ -60,9 +58,7 @@ impl FakeDevice {
         let mut config = [0u8; 8];
         config[..4].copy_from_slice(&0x1122_3344u32.to_le_bytes());
         FakeDevice {
-            queue_max_sizes: queue_max_sizes.to_vec(),
-            avail_features: avail_features | 1 << VIRTIO_F_VERSION_1,
-            acked_features: 0,
+            virtio: VirtioDeviceState::new(avail_features, queue_max_sizes.to_vec()),
             config,
             activation: None,
             resets: 0,
@@ -82,17 +78,11 @@ impl VirtioDevice for FakeDevice {
     fn device_type(&self) -> u32 {
         FAKE_DEVICE_TYPE
     }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_max_sizes
+    fn virtio_state(&self) -> &VirtioDeviceState {
+        &self.virtio
     }
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
+    fn virtio_state_mut(&mut self) -> &mut VirtioDeviceState {
+        &mut self.virtio
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config, offset, data);
@@ -106,16 +96,7 @@ impl VirtioDevice for FakeDevice {
         }
     }
     fn activate(&mut self, activation: Activation) -> Result<(), VirtioError> {
-        if self.activation.is_some() {
-            return Err(VirtioError::AlreadyActive);
-        }
-        let n = self.queue_max_sizes.len();
-        if activation.queues.len() != n || activation.queue_evts.len() != n {
-            return Err(VirtioError::QueueCount {
-                expected: n,
-                got: activation.queues.len().min(activation.queue_evts.len()),
-            });
-        }
+        self.check_activation(&activation)?;
         self.activation = Some(activation);
         Ok(())
     }
@@ -125,7 +106,7 @@ impl VirtioDevice for FakeDevice {
     fn reset(&mut self) {
         *self = FakeDevice {
             resets: self.resets + 1,
-            ..FakeDevice::new(&self.queue_max_sizes, self.avail_features)
+            ..FakeDevice::new(self.virtio.queue_max_sizes(), self.virtio.avail_features())
         };
     }
 }

@@ -106,25 +106,104 @@ pub struct Activation {
     pub interrupt: Arc<dyn VirtioInterrupt>,
 }
 
+/// What every virtio device keeps the same way: the features it offers and those the driver
+/// acknowledged, its queue sizes and its configuration generation. A device embeds one and
+/// hands it out through [`VirtioDevice::virtio_state`]; the trait's provided methods do the rest.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VirtioDeviceState {
+    avail_features: u64,
+    acked_features: u64,
+    queue_max_sizes: Vec<u16>,
+    config_generation: u32,
+}
+
+impl VirtioDeviceState {
+    /// A device offering `avail_features` plus [`VIRTIO_F_VERSION_1`], with one queue of each
+    /// size in `queue_max_sizes`; nothing acknowledged, configuration generation 0.
+    pub fn new(avail_features: u64, queue_max_sizes: Vec<u16>) -> Self {
+        VirtioDeviceState {
+            avail_features: avail_features | 1 << VIRTIO_F_VERSION_1,
+            acked_features: 0,
+            queue_max_sizes,
+            config_generation: 0,
+        }
+    }
+    /// The features the device offers.
+    pub fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+    /// The features the driver acknowledged (a subset of [`Self::avail_features`]).
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+    /// Whether the driver acknowledged feature `bit`.
+    pub fn has_feature(&self, bit: u32) -> bool {
+        self.acked_features & (1 << bit) != 0
+    }
+    /// Records the driver's features; bits the device did not offer are dropped.
+    pub fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+    /// The maximum size of each queue.
+    pub fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_max_sizes
+    }
+    /// The configuration generation.
+    pub fn config_generation(&self) -> u32 {
+        self.config_generation
+    }
+    /// Records that the device changed its configuration (bumps the generation).
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+    }
+    /// For a device reset: forgets the acknowledged features. The generation keeps counting.
+    pub fn reset(&mut self) {
+        self.acked_features = 0;
+    }
+}
+
 /// A virtio device, independent of its transport.
+///
+/// Writing a device:
+/// - embed a [`VirtioDeviceState`] (built with [`VirtioDeviceState::new`]) and return it from
+///   [`Self::virtio_state`] and [`Self::virtio_state_mut`]: feature negotiation, the queue sizes
+///   and the configuration generation then come from the provided methods. Call
+///   [`VirtioDeviceState::config_changed`] when the device changes its configuration, and
+///   [`VirtioDeviceState::reset`] from [`Self::reset`];
+/// - implement [`Self::read_config`] with [`read_config_bytes`] over the device's configuration
+///   bytes, and [`Self::write_config`] for the fields the driver may write;
+/// - start [`Self::activate`] with [`Self::check_activation`], then check the queues the device
+///   needs ([`VirtioError::QueueNotValid`]).
 pub trait VirtioDevice: Send {
     /// The virtio device id ([`device_type`]).
     fn device_type(&self) -> u32;
+    /// The device's features, queue sizes and configuration generation.
+    fn virtio_state(&self) -> &VirtioDeviceState;
+    /// The same, to change.
+    fn virtio_state_mut(&mut self) -> &mut VirtioDeviceState;
     /// The maximum size of each queue; the number of entries is the number of queues.
-    fn queue_max_sizes(&self) -> &[u16];
+    fn queue_max_sizes(&self) -> &[u16] {
+        self.virtio_state().queue_max_sizes()
+    }
     /// The features the device offers (includes [`VIRTIO_F_VERSION_1`]).
-    fn avail_features(&self) -> u64;
+    fn avail_features(&self) -> u64 {
+        self.virtio_state().avail_features()
+    }
     /// The features the driver acknowledged, masked by [`Self::avail_features`].
-    fn acked_features(&self) -> u64;
+    fn acked_features(&self) -> u64 {
+        self.virtio_state().acked_features()
+    }
     /// Records the driver's features; bits the device did not offer are dropped.
-    fn set_acked_features(&mut self, features: u64);
+    fn set_acked_features(&mut self, features: u64) {
+        self.virtio_state_mut().set_acked_features(features);
+    }
     /// Reads device configuration space at `offset`; bytes past its end read as zero.
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes device configuration space at `offset`; read-only fields ignore writes.
     fn write_config(&mut self, offset: u64, data: &[u8]);
     /// The configuration generation: changes whenever the device changes its configuration.
     fn config_generation(&self) -> u32 {
-        0
+        self.virtio_state().config_generation()
     }
     /// Starts the device. On error the device stays inactive.
     fn activate(&mut self, activation: Activation) -> Result<(), VirtioError>;
@@ -132,6 +211,23 @@ pub trait VirtioDevice: Send {
     fn is_activated(&self) -> bool;
     /// Returns the device to its state before feature negotiation and activation.
     fn reset(&mut self);
+    /// The checks every [`Self::activate`] starts with: the device is not active yet
+    /// ([`VirtioError::AlreadyActive`]) and `activation` has one queue and one eventfd per
+    /// entry of [`Self::queue_max_sizes`] ([`VirtioError::QueueCount`]).
+    fn check_activation(&self, activation: &Activation) -> Result<(), VirtioError> {
+        if self.is_activated() {
+            return Err(VirtioError::AlreadyActive);
+        }
+        let expected = self.queue_max_sizes().len();
+        let (queues, evts) = (activation.queues.len(), activation.queue_evts.len());
+        if queues != expected || evts != expected {
+            return Err(VirtioError::QueueCount {
+                expected,
+                got: queues.min(evts),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// The guest command-line fragment that announces a virtio-mmio device of `size_bytes` at `base`
