@@ -156,7 +156,20 @@ impl VmSwap {
         let handle = std::thread::Builder::new()
             .name("swap-out".into())
             .spawn(move || {
-                let run = match swapper.swap_out(target_mib << 20) {
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    swapper.swap_out(target_mib << 20)
+                }))
+                .unwrap_or_else(|panic| {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    Err(memory::swap::SwapError::Failed(format!(
+                        "the swap worker panicked: {what}"
+                    )))
+                });
+                let run = match outcome {
                     Ok(report) => {
                         tracing::info!(
                             "swap: {} pages swapped ({} written, {} zero, {} raced, {} back in) \
@@ -301,11 +314,13 @@ fn on_tmpfs(dir: &Path) -> bool {
     let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
     // SAFETY: `c` is a valid C string and `st` has room for a statfs.
     let ret = unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) };
-    // SAFETY: statfs filled `st` when it returned 0.
+    // SAFETY: `st` was zeroed, and statfs filled it when it returned 0; all-zero is a valid
+    // statfs either way.
+    let st = unsafe { st.assume_init() };
     #[allow(
         clippy::unnecessary_cast,
         reason = "f_type is not i64 on every architecture"
     )]
-    let f_type = unsafe { st.assume_init() }.f_type as i64;
+    let f_type = st.f_type as i64;
     ret == 0 && f_type == TMPFS_MAGIC
 }

@@ -730,7 +730,14 @@ impl Vm {
     pub fn handle_action(&mut self, action: Action) -> Reply {
         let state = self.state();
         if state == VmState::Stopped
-            && !matches!(action, Action::GetVm | Action::ListVms | Action::Metrics)
+            && !matches!(
+                action,
+                Action::GetVm
+                    | Action::ListVms
+                    | Action::Metrics
+                    | Action::GetSwap
+                    | Action::GetMemory
+            )
         {
             return Err(ActionError::Conflict(format!("{} has stopped", self.id)));
         }

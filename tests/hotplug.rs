@@ -1,0 +1,190 @@
+//! virtio-mem against the real guest kernel: the kernel's driver plugs the memory we request,
+//! onlines it (the kernel's page count grows), and unplugs it again when we request 0, with the
+//! host memory behind it given back.
+//!
+//! The guest boots without an initramfs and with `rootdelay=` (see tests/balloon.rs for why).
+
+use std::time::{Duration, Instant};
+
+use memvisor_tests::{default_guest, Capture};
+use vm_memory::{Bytes, GuestAddress};
+use vmm::action::{Action, ActionError, ActionReply, MemoryRequest};
+use vmm::{Vm, VmExit, VmIo};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+const PLUG_TIMEOUT: Duration = Duration::from_secs(180);
+const IDLE_LINE: &str = "before mounting root device";
+
+fn vm_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .expect("VmRSS line");
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS value");
+    kib * 1024
+}
+
+/// Runs the VM's event loop until `done` holds or `timeout` passes.
+fn run_until(vm: &mut Vm, timeout: Duration, what: &str, mut done: impl FnMut(&mut Vm) -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done(vm) {
+        if Instant::now() > deadline {
+            panic!(
+                "timed out waiting for {what}; last console lines:\n{}",
+                vm.console().tail().join("\n")
+            );
+        }
+        if let Some(exit) = vm.wait_timeout(Duration::from_millis(200)) {
+            panic!(
+                "VM stopped ({exit:?}) while waiting for {what}; last console lines:\n{}",
+                vm.console().tail().join("\n")
+            );
+        }
+    }
+}
+
+fn memory(vm: &mut Vm, action: Action) -> Result<hotplug::VirtioMemStatus, ActionError> {
+    match vm.handle_action(action)? {
+        ActionReply::Memory(status) => Ok(status),
+        other => panic!("unexpected reply {other:?}"),
+    }
+}
+
+fn request(vm: &mut Vm, mib: u64) -> Result<hotplug::VirtioMemStatus, ActionError> {
+    memory(vm, Action::SetMemory(MemoryRequest { requested_mib: mib }))
+}
+
+fn plugged_mib(vm: &mut Vm) -> u64 {
+    memory(vm, Action::GetMemory).expect("memory").plugged_mib
+}
+
+/// The page counts the kernel printed each time it rebuilt its zone lists (at boot, and when
+/// memory is onlined).
+fn zonelist_totals(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter(|l| l.contains("Built 1 zonelists"))
+        .filter_map(|l| l.rsplit("Total pages: ").next()?.trim().parse().ok())
+        .collect()
+}
+
+#[test]
+fn guest_kernel_plugs_256_mib_and_unplugs_it_again() {
+    let mut config = default_guest();
+    config.initrd = None;
+    config.cmdline = Some(format!("{} rootdelay=900", config.base_cmdline()));
+    config.memory = memory::ByteSize(128 << 20);
+    config.hotplug = Some(vmm::config::parse_hotplug_options("1G").expect("hotplug options"));
+    let capture = Capture::default();
+    let mut vm = Vm::new(
+        &config,
+        VmIo {
+            console_out: Box::new(capture.clone()),
+        },
+    )
+    .expect("build VM");
+    vm.start().expect("start");
+    run_until(
+        &mut vm,
+        BOOT_TIMEOUT,
+        "the guest kernel to finish booting",
+        |vm| vm.console().tail().iter().any(|l| l.contains(IDLE_LINE)),
+    );
+    let status = memory(&mut vm, Action::GetMemory).expect("memory");
+    assert!(status.driver_active, "the guest's virtio-mem driver runs");
+    assert_eq!((status.plugged_mib, status.region_size_mib), (0, 1024));
+    let zonelists_at_boot = zonelist_totals(&capture.text()).len();
+    assert!(
+        zonelists_at_boot > 0,
+        "the kernel logs its zone lists at boot"
+    );
+
+    // Bad requests change nothing.
+    for bad in [3, 2048] {
+        let e = request(&mut vm, bad).expect_err("refused");
+        assert!(matches!(e, ActionError::BadRequest(_)), "{bad}: {e:?}");
+    }
+    assert_eq!(
+        memory(&mut vm, Action::GetMemory)
+            .expect("memory")
+            .requested_mib,
+        0
+    );
+
+    let plug_start = Instant::now();
+    request(&mut vm, 256).expect("request 256 MiB");
+    run_until(&mut vm, PLUG_TIMEOUT, "plugged_mib = 256", |vm| {
+        plugged_mib(vm) == 256
+    });
+    eprintln!("guest plugged 256 MiB in {:?}", plug_start.elapsed());
+    // The kernel onlined the memory: it rebuilt its zone lists with ~64Ki more pages.
+    run_until(
+        &mut vm,
+        PLUG_TIMEOUT,
+        "the kernel to online the memory",
+        |_| zonelist_totals(&capture.text()).len() > zonelists_at_boot,
+    );
+    let totals = zonelist_totals(&capture.text());
+    let grown = totals[totals.len() - 1].saturating_sub(totals[zonelists_at_boot - 1]);
+    assert!(
+        grown >= 60_000,
+        "the kernel's page count grew by {grown} pages: {totals:?}"
+    );
+    assert_eq!(vm.info().memory.guest_visible_mib, 128 + 256);
+
+    // A guest that used its new memory has it resident on the host (guest user space cannot
+    // run on every test host, so the host writes it on the guest's behalf).
+    let base = status.region_addr;
+    let region = vm
+        .virtio_mem()
+        .expect("device")
+        .lock()
+        .expect("lock")
+        .memory()
+        .clone();
+    let fill = vec![0xa5u8; 1 << 20];
+    for mib in 0..256u64 {
+        region
+            .write_slice(&fill, GuestAddress(base + (mib << 20)))
+            .expect("write plugged memory");
+    }
+    let rss_plugged = vm_rss_bytes();
+
+    let unplug_start = Instant::now();
+    request(&mut vm, 0).expect("request 0");
+    run_until(&mut vm, PLUG_TIMEOUT, "plugged_mib = 0", |vm| {
+        plugged_mib(vm) == 0
+    });
+    eprintln!("guest unplugged 256 MiB in {:?}", unplug_start.elapsed());
+    let rss_unplugged = vm_rss_bytes();
+    eprintln!(
+        "RSS {} MiB plugged and used -> {} MiB unplugged",
+        rss_plugged >> 20,
+        rss_unplugged >> 20
+    );
+    assert!(
+        rss_plugged.saturating_sub(rss_unplugged) >= 250 << 20,
+        "RSS fell by only {} MiB",
+        rss_plugged.saturating_sub(rss_unplugged) >> 20
+    );
+    // The kernel's own account: it reports the 256 MiB it had plugged when told the new size.
+    assert!(
+        capture
+            .text()
+            .contains("virtio_mem virtio0: plugged size: 0x10000000"),
+        "the kernel logged 256 MiB plugged"
+    );
+    let metrics = vm.metrics_text();
+    assert!(
+        metrics
+            .contains(r#"memvisor_device_plugged_bytes_total{vm="vm0",device="mem0"} 268435456"#),
+        "{metrics}"
+    );
+    assert_eq!(vm.info().memory.guest_visible_mib, 128);
+    assert_eq!(vm.stop(), VmExit::Stopped);
+}
