@@ -199,6 +199,14 @@ impl VmSwap {
     /// The state as `GET /api/v1/vms/{id}/swap` shows it: the swapper's status plus `armed`,
     /// `busy`, `target_mib`, `swap_dir` and `last` (the last request's report or error).
     pub fn status_json(&self) -> serde_json::Value {
+        // `busy` first: if the worker had finished then, the report and the state read after
+        // it are final, so a client that sees `busy: false` sees the finished request's state.
+        let busy = self.busy();
+        let last = match lock(&self.last).clone() {
+            Some(LastRun::Done(r)) => serde_json::to_value(r).unwrap_or_default(),
+            Some(LastRun::Failed(e)) => serde_json::json!({ "error": e }),
+            None => serde_json::Value::Null,
+        };
         let swapper = self.swapper();
         let mut v = match &swapper {
             Some(s) => serde_json::to_value(s.status()).unwrap_or_default(),
@@ -208,14 +216,9 @@ impl VmSwap {
                 "file_size_bytes": 0,
             }),
         };
-        let last = match lock(&self.last).clone() {
-            Some(LastRun::Done(r)) => serde_json::to_value(r).unwrap_or_default(),
-            Some(LastRun::Failed(e)) => serde_json::json!({ "error": e }),
-            None => serde_json::Value::Null,
-        };
         if let Some(map) = v.as_object_mut() {
             map.insert("armed".into(), swapper.is_some().into());
-            map.insert("busy".into(), self.busy().into());
+            map.insert("busy".into(), busy.into());
             map.insert("target_mib".into(), (*lock(&self.target_mib)).into());
             map.insert(
                 "swap_dir".into(),
