@@ -26,6 +26,9 @@ fn ctl_drives_a_running_vm_through_the_api() {
     let mut config = VmConfig::new(kernel);
     config.memory = memory::ByteSize(32 << 20);
     config.balloon = Some(balloon::BalloonConfig::default());
+    let swap_dir = std::env::temp_dir().join(format!("memvisor-api-swap-{}", std::process::id()));
+    std::fs::create_dir_all(&swap_dir).expect("swap dir");
+    config.swap_dir = Some(swap_dir);
     let mut vm = Vm::new(
         &config,
         VmIo {
@@ -90,6 +93,57 @@ fn ctl_drives_a_running_vm_through_the_api() {
         let host = ctl(s, true, CtlCommand::Host).expect("host");
         assert!(host.contains(r#""ksm""#), "{host}");
 
+        let no_device = ctl(
+            s,
+            false,
+            CtlCommand::Resize {
+                size: Some(memory::ByteSize(128 << 20)),
+                id: id(),
+            },
+        )
+        .expect_err("no virtio-mem device");
+        assert!(
+            no_device.contains("--hotplug") && no_device.contains("400"),
+            "{no_device}"
+        );
+        let swap = |size: Option<u64>| {
+            ctl(
+                s,
+                true,
+                CtlCommand::Swap {
+                    size: size.map(memory::ByteSize),
+                    no_wait: false,
+                    id: id(),
+                },
+            )
+            .expect("swap")
+        };
+        let before: serde_json::Value = serde_json::from_str(&swap(None)).expect("json");
+        assert_eq!(before["armed"], false, "{before}");
+        // The guest has written next to nothing; what the VMM loaded for it is resident.
+        let out: serde_json::Value = serde_json::from_str(&swap(Some(8 << 20))).expect("json");
+        assert_eq!(
+            (&out["armed"], &out["busy"]),
+            (&true.into(), &false.into()),
+            "{out}"
+        );
+        assert_eq!(out["state"], "active", "{out}");
+        assert!(out["swapped_pages"].as_u64().expect("pages") > 0, "{out}");
+        let back: serde_json::Value = serde_json::from_str(&swap(Some(0))).expect("json");
+        assert_eq!(back["state"], "idle", "{back}");
+        assert_eq!(back["swapped_pages"], 0, "{back}");
+        let readable = ctl(
+            s,
+            false,
+            CtlCommand::Swap {
+                size: None,
+                no_wait: false,
+                id: id(),
+            },
+        )
+        .expect("swap status");
+        assert!(readable.contains("state: idle"), "{readable}");
+
         let missing = ctl(s, false, CtlCommand::Info { id: "vm9".into() }).expect_err("unknown VM");
         assert!(missing.contains("404"), "{missing}");
 
@@ -103,6 +157,10 @@ fn ctl_drives_a_running_vm_through_the_api() {
         assert!(metrics.contains("memvisor_vmm_resident_bytes"), "{metrics}");
         assert!(metrics.contains("vm=\"vm0\""), "{metrics}");
         assert!(metrics.contains("balloon0"), "{metrics}");
+        assert!(
+            metrics.contains(r#"memvisor_device_swap_state_total{vm="vm0",device="swap"} 0"#),
+            "{metrics}"
+        );
 
         ctl(s, false, CtlCommand::Shutdown { id: id() }).expect("shutdown");
     });

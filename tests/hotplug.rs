@@ -122,7 +122,9 @@ fn guest_kernel_plugs_256_mib_and_unplugs_it_again() {
         plugged_mib(vm) == 256
     });
     eprintln!("guest plugged 256 MiB in {:?}", plug_start.elapsed());
-    // The kernel onlined the memory: it rebuilt its zone lists with ~64Ki more pages.
+    // The kernel onlined the memory: onlining the first 128 MiB memory block populated its
+    // movable zone, so it rebuilt its zone lists with that block's pages (32Ki, less the
+    // struct pages it needs for them). Later blocks join a populated zone and log nothing.
     run_until(
         &mut vm,
         PLUG_TIMEOUT,
@@ -132,7 +134,7 @@ fn guest_kernel_plugs_256_mib_and_unplugs_it_again() {
     let totals = zonelist_totals(&capture.text());
     let grown = totals[totals.len() - 1].saturating_sub(totals[zonelists_at_boot - 1]);
     assert!(
-        grown >= 60_000,
+        grown >= 25_000,
         "the kernel's page count grew by {grown} pages: {totals:?}"
     );
     assert_eq!(vm.info().memory.guest_visible_mib, 128 + 256);

@@ -455,9 +455,16 @@ pub mod fake {
                 Action::SetMemory(_) | Action::GetMemory => Err(ActionError::BadRequest(format!(
                     "{id} has no virtio-mem device (start it with --hotplug)"
                 ))),
-                Action::SetSwap(_) | Action::GetSwap => Err(ActionError::BadRequest(format!(
-                    "{id} has no swap (start it with --swap-dir)"
-                ))),
+                Action::SetSwap(SwapRequest { target_mib }) => Ok(ActionReply::Swap {
+                    status: serde_json::json!({
+                        "state": "idle", "armed": true, "busy": true, "target_mib": target_mib
+                    }),
+                    accepted: true,
+                }),
+                Action::GetSwap => Ok(ActionReply::Swap {
+                    status: serde_json::json!({"state": "idle", "armed": false, "busy": false}),
+                    accepted: false,
+                }),
                 Action::ListVms | Action::Metrics | Action::GetHost => {
                     unreachable!("handled above: these take no VM id")
                 }

@@ -75,6 +75,20 @@ fn out_of_range_values_are_one_line() {
 }
 
 #[test]
+fn bad_hotplug_and_swap_flags_are_one_line() {
+    let out = memvisor(&["run", "--kernel", "/k", "--hotplug", "lots"]);
+    assert_one_line_error(&out, "--hotplug");
+    let out = memvisor(&["run", "--kernel", "/k", "--hotplug", "1G,block_size=3M"]);
+    assert_one_line_error(&out, "--hotplug");
+    let out = memvisor(&["run", "--kernel", "/k", "--hotplug", "1G,colour=red"]);
+    assert_one_line_error(&out, "unknown hotplug option 'colour'");
+    let p = temp_file("k2", &[0; 16]);
+    let k = p.to_str().expect("utf8");
+    let out = memvisor(&["run", "--kernel", k, "--swap-dir", "/nonexistent/dir"]);
+    assert_one_line_error(&out, "swap directory /nonexistent/dir is not a directory");
+}
+
+#[test]
 fn memory_too_small_for_the_kernel_is_one_line() {
     // The ELF segment wants to load at 64 MiB; the VM has 32 MiB.
     let mut elf = vec![0u8; 0x1000];

@@ -425,6 +425,60 @@ mod tests {
     }
 
     #[test]
+    fn memory_and_swap_bodies_reach_the_handler_or_are_refused() {
+        let h = FakeHandler::new(&["vm0"]);
+        let r = dispatch("PUT", "/api/v1/vms/vm0/swap", br#"{"target_mib": 64}"#, &h);
+        assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+        let r = dispatch("GET", "/api/v1/vms/vm0/swap", b"", &h);
+        assert_eq!(r.status, 200);
+        let r = dispatch(
+            "PUT",
+            "/api/v1/vms/vm0/memory",
+            br#"{"requested_mib": 256}"#,
+            &h,
+        );
+        assert_eq!(r.status, 400, "the fake VM has no virtio-mem device");
+        assert!(error_of(&r).contains("--hotplug"), "{}", error_of(&r));
+        for (path, body, needle) in [
+            ("/api/v1/vms/vm0/memory", &b""[..], "requested_mib"),
+            (
+                "/api/v1/vms/vm0/memory",
+                br#"{"requested": 1}"#,
+                "unknown field",
+            ),
+            (
+                "/api/v1/vms/vm0/memory",
+                br#"{"requested_mib": -1}"#,
+                "requested_mib",
+            ),
+            ("/api/v1/vms/vm0/swap", b" ", "target_mib"),
+            (
+                "/api/v1/vms/vm0/swap",
+                br#"{"target_mib": "64M"}"#,
+                "invalid type",
+            ),
+        ] {
+            let r = dispatch("PUT", path, body, &h);
+            assert_eq!(r.status, 400, "{path} {:?}", String::from_utf8_lossy(body));
+            assert!(error_of(&r).contains(needle), "{}", error_of(&r));
+        }
+        let acted: Vec<_> = h
+            .actions()
+            .into_iter()
+            .map(|(_, a)| a)
+            .filter(|a| matches!(a, Action::SetSwap(_) | Action::SetMemory(_)))
+            .collect();
+        assert_eq!(
+            acted,
+            vec![
+                Action::SetSwap(SwapRequest { target_mib: 64 }),
+                Action::SetMemory(MemoryRequest { requested_mib: 256 })
+            ],
+            "refused bodies never reach the handler"
+        );
+    }
+
+    #[test]
     fn wrong_type_names_the_field() {
         let h = FakeHandler::new(&["vm0"]);
         let r = dispatch("PUT", "/api/v1/vms/vm0/state", br#"{"state": 1}"#, &h);
