@@ -202,6 +202,75 @@ fn guest_pattern_survives_two_swap_outs_byte_for_byte() {
     );
 }
 
+/// Swap storage whose reads fail: a page swapped out can never come back.
+#[derive(Debug)]
+struct UnreadableSwap(memory::swap::SwapFile);
+
+impl memory::swap::SwapBacking for UnreadableSwap {
+    fn write_pages_at(
+        &self,
+        pages: &memory::swap::GuestPieces,
+        offset: u64,
+    ) -> std::io::Result<()> {
+        self.0.write_pages_at(pages, offset)
+    }
+    fn read_at(&self, _buf: &mut [u8], _offset: u64) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(libc_eio()))
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn path(&self) -> Option<&std::path::Path> {
+        self.0.path()
+    }
+}
+
+/// `EIO`.
+fn libc_eio() -> i32 {
+    5
+}
+
+#[test]
+fn a_swap_that_cannot_serve_a_fault_stops_the_vm_with_its_reason() {
+    let kernel = temp_file("swap-unreadable", &tiny_elf(SWAP_PATTERN, 0x20_0000));
+    let swap_dir = tempfile_dir("swap-unreadable-dir");
+    let mut config = VmConfig::new(kernel);
+    config.memory = memory::ByteSize(64 << 20);
+    let capture = Capture::default();
+    let mut vm = Vm::new(
+        &config,
+        VmIo {
+            console_out: Box::new(capture.clone()),
+        },
+    )
+    .expect("build VM");
+    let file = memory::swap::SwapFile::create(&swap_dir).expect("swap file");
+    vm.swap()
+        .set_backing(Box::new(UnreadableSwap(file)))
+        .expect("backing");
+    vm.start().expect("start");
+    wait_for_console(&mut vm, &capture, "W1\n");
+    // The guest spins reading the flag page; once that page is swapped out its next read
+    // faults, the read from the swap storage fails, and the VM must stop rather than hang or
+    // run on with a zero page.
+    let target_mib = vm.config().memory.mib();
+    let started = swap_status(&mut vm, Action::SetSwap(SwapRequest { target_mib }));
+    assert_eq!(started["armed"], true, "{started}");
+    let exit = vm.wait_timeout(Duration::from_secs(60)).unwrap_or_else(|| {
+        let status = swap_status(&mut vm, Action::GetSwap);
+        vm.stop();
+        panic!("the VM kept running with a failed swap: {status}")
+    });
+    match &exit {
+        VmExit::Error(reason) => assert!(reason.starts_with("swap failed: "), "{reason}"),
+        other => panic!("expected a swap failure, got {other:?}"),
+    }
+    let status = swap_status(&mut vm, Action::GetSwap);
+    assert_eq!(status["state"], "failed", "{status}");
+    assert!(field(&status, "read_errors") > 0, "{status}");
+    assert_eq!(capture.text(), "W1\n", "the guest never saw wrong data");
+}
+
 fn tempfile_dir(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("memvisor-test-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("create swap dir");

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use kvm_ioctls::VmFd;
-use memory::swap::{SwapFailure, SwapOptions, SwapReport, Swapper};
+use memory::swap::{SwapBacking, SwapFailure, SwapOptions, SwapReport, Swapper};
 use memory::GuestRam;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
@@ -48,6 +48,9 @@ pub struct VmSwap {
     worker: Mutex<Option<JoinHandle<()>>>,
     target_mib: Mutex<u64>,
     last: Arc<Mutex<Option<LastRun>>>,
+    backing: Mutex<Option<Box<dyn SwapBacking>>>,
+    /// The status of a failed swapper let go of at teardown, still reported.
+    failed: Mutex<Option<memory::swap::SwapStatus>>,
 }
 
 impl std::fmt::Debug for VmSwap {
@@ -76,7 +79,19 @@ impl VmSwap {
             worker: Mutex::new(None),
             target_mib: Mutex::new(0),
             last: Arc::new(Mutex::new(None)),
+            backing: Mutex::new(None),
+            failed: Mutex::new(None),
         }
+    }
+
+    /// Stores swapped pages in `backing` instead of a file in the swap directory (another
+    /// VMM's storage, or a test's failing one). Only before swap is armed.
+    pub fn set_backing(&self, backing: Box<dyn SwapBacking>) -> Result<(), ActionError> {
+        if self.swapper().is_some() {
+            return Err(ActionError::Conflict("swap is already armed".into()));
+        }
+        *lock(&self.backing) = Some(backing);
+        Ok(())
     }
 
     /// The swapper cell, for [`crate::memslots::GuestDiscard`].
@@ -117,8 +132,11 @@ impl VmSwap {
             })),
             ..SwapOptions::default()
         };
-        let swapper = Swapper::new(&self.ram, &self.dir, options)
-            .map_err(|e| ActionError::Internal(format!("cannot start swap: {}", chain(&e))))?;
+        let swapper = match lock(&self.backing).take() {
+            Some(backing) => Swapper::with_backing(&self.ram, backing, options),
+            None => Swapper::new(&self.ram, &self.dir, options),
+        }
+        .map_err(|e| ActionError::Internal(format!("cannot start swap: {}", chain(&e))))?;
         // Page ages come from the dirty log; without it the swapper still works, oldest-first
         // degenerates to address order.
         if let Err(e) = map_ram(&self.vm_fd, &self.ram, true) {
@@ -208,16 +226,19 @@ impl VmSwap {
             None => serde_json::Value::Null,
         };
         let swapper = self.swapper();
-        let mut v = match &swapper {
-            Some(s) => serde_json::to_value(s.status()).unwrap_or_default(),
-            None => serde_json::json!({
+        let failed = lock(&self.failed).clone();
+        let armed = swapper.is_some() || failed.is_some();
+        let mut v = match (&swapper, failed) {
+            (Some(s), _) => serde_json::to_value(s.status()).unwrap_or_default(),
+            (None, Some(status)) => serde_json::to_value(status).unwrap_or_default(),
+            (None, None) => serde_json::json!({
                 "state": "idle",
                 "swapped_pages": 0,
                 "file_size_bytes": 0,
             }),
         };
         if let Some(map) = v.as_object_mut() {
-            map.insert("armed".into(), swapper.is_some().into());
+            map.insert("armed".into(), armed.into());
             map.insert("busy".into(), busy.into());
             map.insert("target_mib".into(), (*lock(&self.target_mib)).into());
             map.insert(
@@ -250,10 +271,11 @@ impl VmSwap {
         if let Some(h) = lock(&self.worker).take() {
             let _ = h.join();
         }
-        let failed = self
-            .swapper()
-            .is_some_and(|s| s.status().state == memory::swap::SwapState::Failed);
-        if failed {
+        let Some(status) = self.swapper().map(|s| s.status()) else {
+            return;
+        };
+        if status.state == memory::swap::SwapState::Failed {
+            *lock(&self.failed) = Some(status);
             // Dropping the swapper closes its userfaultfd once nobody else holds it.
             self.swapper
                 .write()
