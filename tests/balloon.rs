@@ -8,46 +8,12 @@
 
 use std::time::{Duration, Instant};
 
-use memvisor_tests::default_guest;
+use memvisor_tests::{idle_kernel_guest, run_until, vm_rss_bytes, IDLE_LINE};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::{Vm, VmExit, VmIo};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 const BALLOON_TIMEOUT: Duration = Duration::from_secs(180);
-const IDLE_LINE: &str = "before mounting root device";
-
-fn vm_rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .expect("VmRSS line");
-    let kib: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS value");
-    kib * 1024
-}
-
-/// Runs the VM's event loop until `done` holds or `timeout` passes.
-fn run_until(vm: &mut Vm, timeout: Duration, what: &str, mut done: impl FnMut(&Vm) -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done(vm) {
-        if Instant::now() > deadline {
-            panic!(
-                "timed out waiting for {what}; last console lines:\n{}",
-                vm.console().tail().join("\n")
-            );
-        }
-        if let Some(exit) = vm.wait_timeout(Duration::from_millis(200)) {
-            panic!(
-                "VM stopped ({exit:?}) while waiting for {what}; last console lines:\n{}",
-                vm.console().tail().join("\n")
-            );
-        }
-    }
-}
 
 fn actual_mib(vm: &Vm) -> u64 {
     vm.balloon()
@@ -59,10 +25,7 @@ fn actual_mib(vm: &Vm) -> u64 {
 
 #[test]
 fn guest_kernel_inflates_to_target_and_deflates_back() {
-    let mut config = default_guest();
-    config.initrd = None;
-    config.cmdline = Some(format!("{} rootdelay=900", config.base_cmdline()));
-    config.memory = memory::ByteSize(256 << 20);
+    let mut config = idle_kernel_guest(256);
     config.balloon = Some(balloon::BalloonConfig::default());
     let mut vm = Vm::new(
         &config,

@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests: where the default guest is, and booting it.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm::{Vm, VmConfig, VmExit, VmIo};
 
@@ -21,6 +21,22 @@ pub fn default_guest() -> VmConfig {
         dir.display()
     );
     VmConfig::default_guest(&dir)
+}
+
+/// The line the default guest's kernel logs once it has booted and sits idle without a root
+/// device (see [`idle_kernel_guest`]).
+pub const IDLE_LINE: &str = "before mounting root device";
+
+/// The default guest's kernel with `memory_mib` of RAM, booted without an initramfs and with
+/// `rootdelay=`, so that it finishes booting and then sits idle with its drivers running. That
+/// keeps the kernel alive on hosts where guest user space cannot run, and costs nothing on
+/// others; device tests against the real kernel use it.
+pub fn idle_kernel_guest(memory_mib: u64) -> VmConfig {
+    let mut config = default_guest();
+    config.initrd = None;
+    config.cmdline = Some(format!("{} rootdelay=900", config.base_cmdline()));
+    config.memory = memory::ByteSize(memory_mib << 20);
+    config
 }
 
 /// What a boot produced.
@@ -123,4 +139,64 @@ pub fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, bytes).expect("write temp file");
     path
+}
+
+/// A VM built from `config` whose console output goes to the returned [`Capture`].
+pub fn captured_vm(config: &VmConfig) -> (Vm, Capture) {
+    let capture = Capture::default();
+    let vm = Vm::new(
+        config,
+        VmIo {
+            console_out: Box::new(capture.clone()),
+        },
+    )
+    .expect("build the VM");
+    (vm, capture)
+}
+
+/// This process's resident memory (`VmRSS`), in bytes.
+pub fn vm_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .expect("VmRSS line");
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS value");
+    kib * 1024
+}
+
+/// Runs the VM's event loop until `done` holds, panicking with the console tail if `timeout`
+/// passes or the VM stops first.
+pub fn run_until(
+    vm: &mut Vm,
+    timeout: Duration,
+    what: &str,
+    mut done: impl FnMut(&mut Vm) -> bool,
+) {
+    let deadline = Instant::now() + timeout;
+    while !done(vm) {
+        if Instant::now() > deadline {
+            panic!(
+                "timed out waiting for {what}; last console lines:\n{}",
+                vm.console().tail().join("\n")
+            );
+        }
+        if let Some(exit) = vm.wait_timeout(Duration::from_millis(200)) {
+            panic!(
+                "VM stopped ({exit:?}) while waiting for {what}; last console lines:\n{}",
+                vm.console().tail().join("\n")
+            );
+        }
+    }
+}
+
+/// A fresh directory for this test process.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("memvisor-test-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
 }

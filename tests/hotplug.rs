@@ -6,47 +6,13 @@
 
 use std::time::{Duration, Instant};
 
-use memvisor_tests::{default_guest, Capture};
+use memvisor_tests::{captured_vm, idle_kernel_guest, run_until, vm_rss_bytes, IDLE_LINE};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::action::{Action, ActionError, ActionReply, MemoryRequest};
-use vmm::{Vm, VmExit, VmIo};
+use vmm::{Vm, VmExit};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 const PLUG_TIMEOUT: Duration = Duration::from_secs(180);
-const IDLE_LINE: &str = "before mounting root device";
-
-fn vm_rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .expect("VmRSS line");
-    let kib: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS value");
-    kib * 1024
-}
-
-/// Runs the VM's event loop until `done` holds or `timeout` passes.
-fn run_until(vm: &mut Vm, timeout: Duration, what: &str, mut done: impl FnMut(&mut Vm) -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done(vm) {
-        if Instant::now() > deadline {
-            panic!(
-                "timed out waiting for {what}; last console lines:\n{}",
-                vm.console().tail().join("\n")
-            );
-        }
-        if let Some(exit) = vm.wait_timeout(Duration::from_millis(200)) {
-            panic!(
-                "VM stopped ({exit:?}) while waiting for {what}; last console lines:\n{}",
-                vm.console().tail().join("\n")
-            );
-        }
-    }
-}
 
 fn memory(vm: &mut Vm, action: Action) -> Result<hotplug::VirtioMemStatus, ActionError> {
     match vm.handle_action(action)? {
@@ -75,19 +41,9 @@ fn zonelist_totals(console: &str) -> Vec<u64> {
 
 #[test]
 fn guest_kernel_plugs_256_mib_and_unplugs_it_again() {
-    let mut config = default_guest();
-    config.initrd = None;
-    config.cmdline = Some(format!("{} rootdelay=900", config.base_cmdline()));
-    config.memory = memory::ByteSize(128 << 20);
+    let mut config = idle_kernel_guest(128);
     config.hotplug = Some(vmm::config::parse_hotplug_options("1G").expect("hotplug options"));
-    let capture = Capture::default();
-    let mut vm = Vm::new(
-        &config,
-        VmIo {
-            console_out: Box::new(capture.clone()),
-        },
-    )
-    .expect("build VM");
+    let (mut vm, capture) = captured_vm(&config);
     vm.start().expect("start");
     run_until(
         &mut vm,

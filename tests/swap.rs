@@ -7,10 +7,10 @@
 
 use std::time::{Duration, Instant};
 
-use memvisor_tests::{temp_file, tiny_elf, Capture};
+use memvisor_tests::{captured_vm, temp_dir, temp_file, tiny_elf, Capture};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::action::{Action, ActionReply, SwapRequest};
-use vmm::{Vm, VmConfig, VmExit, VmIo};
+use vmm::{Vm, VmConfig, VmExit};
 
 /// Where the host writes the round number the guest waits for.
 const FLAG: u64 = 0x10_0000;
@@ -135,18 +135,11 @@ fn swap_out_all(vm: &mut Vm) -> serde_json::Value {
 #[test]
 fn guest_pattern_survives_two_swap_outs_byte_for_byte() {
     let kernel = temp_file("swap-pattern", &tiny_elf(SWAP_PATTERN, 0x20_0000));
-    let swap_dir = tempfile_dir("swap-dir");
+    let swap_dir = temp_dir("swap-dir");
     let mut config = VmConfig::new(kernel);
     config.memory = memory::ByteSize(64 << 20);
     config.swap_dir = Some(swap_dir.clone());
-    let capture = Capture::default();
-    let mut vm = Vm::new(
-        &config,
-        VmIo {
-            console_out: Box::new(capture.clone()),
-        },
-    )
-    .expect("build VM");
+    let (mut vm, capture) = captured_vm(&config);
     vm.start().expect("start");
 
     let pattern_pages = (END - START) / 4096;
@@ -233,17 +226,10 @@ fn libc_eio() -> i32 {
 #[test]
 fn a_swap_that_cannot_serve_a_fault_stops_the_vm_with_its_reason() {
     let kernel = temp_file("swap-unreadable", &tiny_elf(SWAP_PATTERN, 0x20_0000));
-    let swap_dir = tempfile_dir("swap-unreadable-dir");
+    let swap_dir = temp_dir("swap-unreadable-dir");
     let mut config = VmConfig::new(kernel);
     config.memory = memory::ByteSize(64 << 20);
-    let capture = Capture::default();
-    let mut vm = Vm::new(
-        &config,
-        VmIo {
-            console_out: Box::new(capture.clone()),
-        },
-    )
-    .expect("build VM");
+    let (mut vm, capture) = captured_vm(&config);
     let file = memory::swap::SwapFile::create(&swap_dir).expect("swap file");
     vm.swap()
         .set_backing(Box::new(UnreadableSwap(file)))
@@ -269,10 +255,4 @@ fn a_swap_that_cannot_serve_a_fault_stops_the_vm_with_its_reason() {
     assert_eq!(status["state"], "failed", "{status}");
     assert!(field(&status, "read_errors") > 0, "{status}");
     assert_eq!(capture.text(), "W1\n", "the guest never saw wrong data");
-}
-
-fn tempfile_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("memvisor-test-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("create swap dir");
-    dir
 }
