@@ -77,6 +77,59 @@ const SWAP_PATTERN: &[u8] = &[
     0xf4, // hlt
 ];
 
+/// Rewrites [START, END) pass after pass (pass k writes each qword's address xor k), saying `W`
+/// on COM1 after the first pass, until the host sets the qword at FLAG; then verifies every
+/// qword against the last pass and says `OK` or `BAD`, then resets. The host swaps the VM out
+/// while the passes run, so guest writes race the swap-out. Assembled from:
+/// ```text
+/// start:  mov dx, 0x3f8; xor r8, r8
+/// pass:   inc r8; mov rdi, START
+/// fill:   mov rax, rdi; xor rax, r8; mov [rdi], rax; add rdi, 8; cmp rdi, END; jb fill
+///         cmp r8, 1; jne polled; mov al, 'W'; out dx, al; mov al, '\n'; out dx, al
+/// polled: cmp qword [FLAG], 0; je pass
+///         mov rdi, START
+/// check:  mov rax, rdi; xor rax, r8; cmp [rdi], rax; jne bad; add rdi, 8; cmp rdi, END; jb check
+///         mov al, 'O'; out dx, al; mov al, 'K'; out dx, al; jmp done
+/// bad:    mov al, 'B'; out dx, al; mov al, 'A'; out dx, al; mov al, 'D'; out dx, al
+/// done:   mov al, '\n'; out dx, al; mov al, 0xfe; out 0x64, al; hlt
+/// ```
+const SWAP_RACE: &[u8] = &[
+    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0x4d, 0x31, 0xc0, // xor r8, r8
+    0x49, 0xff, 0xc0, // pass: inc r8
+    0x48, 0xc7, 0xc7, 0x00, 0x00, 0x40, 0x00, // mov rdi, START
+    0x48, 0x89, 0xf8, // fill: mov rax, rdi
+    0x4c, 0x31, 0xc0, // xor rax, r8
+    0x48, 0x89, 0x07, // mov [rdi], rax
+    0x48, 0x83, 0xc7, 0x08, // add rdi, 8
+    0x48, 0x81, 0xff, 0x00, 0x00, 0x40, 0x01, // cmp rdi, END
+    0x72, 0xea, // jb fill
+    0x49, 0x83, 0xf8, 0x01, // cmp r8, 1
+    0x75, 0x06, // jne polled
+    0xb0, b'W', 0xee, // mov al, 'W'; out dx, al
+    0xb0, b'\n', 0xee, // mov al, '\n'; out dx, al
+    0x48, 0x83, 0x3c, 0x25, 0x00, 0x00, 0x10, 0x00, 0x00, // polled: cmp qword [FLAG], 0
+    0x74, 0xc9, // je pass
+    0x48, 0xc7, 0xc7, 0x00, 0x00, 0x40, 0x00, // mov rdi, START
+    0x48, 0x89, 0xf8, // check: mov rax, rdi
+    0x4c, 0x31, 0xc0, // xor rax, r8
+    0x48, 0x39, 0x07, // cmp [rdi], rax
+    0x75, 0x15, // jne bad
+    0x48, 0x83, 0xc7, 0x08, // add rdi, 8
+    0x48, 0x81, 0xff, 0x00, 0x00, 0x40, 0x01, // cmp rdi, END
+    0x72, 0xe8, // jb check
+    0xb0, b'O', 0xee, // mov al, 'O'; out dx, al
+    0xb0, b'K', 0xee, // mov al, 'K'; out dx, al
+    0xeb, 0x09, // jmp done
+    0xb0, b'B', 0xee, // bad: mov al, 'B'; out dx, al
+    0xb0, b'A', 0xee, // mov al, 'A'; out dx, al
+    0xb0, b'D', 0xee, // mov al, 'D'; out dx, al
+    0xb0, b'\n', 0xee, // done: mov al, '\n'; out dx, al
+    0xb0, 0xfe, // mov al, 0xfe
+    0xe6, 0x64, // out 0x64, al
+    0xf4, // hlt
+];
+
 /// Generous: guest code is emulated on some hosts (~2 M instructions/s, and a round is
 /// 2 x 2 M qwords).
 const ROUND_TIMEOUT: Duration = Duration::from_secs(300);
@@ -193,6 +246,44 @@ fn guest_pattern_survives_two_swap_outs_byte_for_byte() {
         !std::path::Path::new(&file).exists(),
         "the swap file is removed with the VM"
     );
+}
+
+#[test]
+fn guest_writes_racing_swap_outs_are_never_lost() {
+    let kernel = temp_file("swap-race", &tiny_elf(SWAP_RACE, 0x20_0000));
+    let mut config = VmConfig::new(kernel);
+    config.memory = memory::ByteSize(64 << 20);
+    config.swap_dir = Some(temp_dir("swap-race-dir"));
+    let (mut vm, capture) = captured_vm(&config);
+    vm.start().expect("start");
+    wait_for_console(&mut vm, &capture, "W\n");
+    // The guest keeps rewriting the pattern while we swap it out, three times over.
+    let mut status = serde_json::Value::Null;
+    for _ in 0..3 {
+        status = swap_out_all(&mut vm);
+        assert_eq!(field(&status, "errors"), 0, "{status}");
+    }
+    eprintln!(
+        "write-protect faults {}, pages kept in RAM because a write raced them {}",
+        field(&status, "wp_faults"),
+        field(&status, "raced_pages")
+    );
+    vm.ram()
+        .memory()
+        .write_obj(1u64, GuestAddress(FLAG))
+        .expect("set the flag");
+    let exit = vm.wait_timeout(ROUND_TIMEOUT).unwrap_or_else(|| {
+        vm.stop();
+        panic!("guest did not finish; console: {}", capture.text())
+    });
+    let status = swap_status(&mut vm, Action::GetSwap);
+    assert_eq!(
+        capture.text(),
+        "W\nOK\n",
+        "every qword holds the guest's last write; swap: {status}"
+    );
+    assert_eq!(exit, VmExit::Reset);
+    assert!(field(&status, "faults_served") > 0, "{status}");
 }
 
 /// Swap storage whose reads fail: a page swapped out can never come back.
