@@ -314,7 +314,17 @@ fn render(command: &CtlCommand, reply: &HttpReply) -> anyhow::Result<String> {
                 }
             )
         }
-        CtlCommand::Sharing { .. } | CtlCommand::Host | CtlCommand::Swap { .. } => {
+        CtlCommand::Swap { id, .. } => {
+            let mut value: serde_json::Value = serde_json::from_slice(&reply.body)?;
+            // The transition history is for scripts (`--json`); one line per field here.
+            if let Some(map) = value.as_object_mut() {
+                map.remove("transitions");
+            }
+            let mut s = format!("{id}: swap\n");
+            render_json(&value, 1, &mut s);
+            s
+        }
+        CtlCommand::Sharing { .. } | CtlCommand::Host => {
             let value: serde_json::Value = serde_json::from_slice(&reply.body)?;
             let mut s = String::new();
             render_json(&value, 0, &mut s);
