@@ -1,6 +1,11 @@
-//! Swap benchmark: swap-out throughput against a plain sequential write of the same amount to
-//! the same directory (same run, same fsync policy: none for either), fault-in latency when the
+//! Swap benchmark: swap-out throughput against a plain sequential write of the same data to the
+//! same directory (same run, same fsync policy: none for either), fault-in latency when the
 //! pages are in the host page cache, and pages served per second.
+//!
+//! The baseline writes the same bytes as the swap-out, from a buffer as large as guest RAM that
+//! was filled the same way (so, like guest RAM, mostly out of the CPU caches), in 1 MiB
+//! `pwrite`s to a new file. Both sides also report the CPU time they used (the process's user +
+//! system time; the swap-out may use a second thread).
 //!
 //! `SWAP_BENCH_DIR` (default: the temp dir) and `SWAP_BENCH_MIB` (default 256) tune it;
 //! `bench/swap` runs it.
@@ -24,38 +29,71 @@ fn settle() {
     let _ = std::process::Command::new("sync").status();
 }
 
+/// The content of the 1 MiB chunk at byte `off` (no zero page: every word is odd).
+fn pattern(chunk: &mut [u8], off: usize, seed: u64) {
+    for (i, w) in chunk.chunks_exact_mut(8).enumerate() {
+        let v = ((off + i * 8) as u64 ^ seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        w.copy_from_slice(&v.to_ne_bytes());
+    }
+}
+
 fn fill(ram: &GuestRam, seed: u64) {
     let size = ram.size_bytes() as usize;
     let mut chunk = vec![0u8; CHUNK];
     for off in (0..size).step_by(CHUNK) {
-        for (i, w) in chunk.chunks_exact_mut(8).enumerate() {
-            let v = ((off + i * 8) as u64 ^ seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-            w.copy_from_slice(&v.to_ne_bytes());
-        }
+        pattern(&mut chunk, off, seed);
         ram.memory()
             .write_slice(&chunk, GuestAddress(off as u64))
             .expect("fill guest RAM");
     }
 }
 
-/// Sequential write of `bytes` in 1 MiB writes to a new file in `dir`, no fsync.
-fn plain_write_mib_s(dir: &Path, bytes: usize) -> f64 {
+/// User + system CPU time of the whole process so far, in seconds.
+fn cpu_s() -> f64 {
+    // SAFETY: getrusage only writes the `rusage` we pass, which lives for the call.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_SELF is a valid `who`.
+    let ret = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    assert_eq!(ret, 0, "getrusage");
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Wall-clock throughput and CPU time of one timed write.
+struct Timed {
+    mib_s: f64,
+    cpu_ms: f64,
+}
+
+/// Sequential write of `bytes` of the same data a swap round with `seed` swaps out, from a
+/// buffer of `bytes` filled beforehand (as guest RAM is), in 1 MiB writes to a new file in
+/// `dir`, no fsync.
+fn plain_write(dir: &Path, bytes: usize, seed: u64) -> Timed {
     let path: PathBuf = dir.join(format!("memvisor-swap-bench-{}.plain", std::process::id()));
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&path)
         .expect("create plain file");
-    let buf: Vec<u8> = (0..CHUNK).map(|i| (i * 7) as u8 | 1).collect();
+    let mut buf = vec![0u8; bytes];
+    for (i, chunk) in buf.chunks_mut(CHUNK).enumerate() {
+        pattern(chunk, i * CHUNK, seed);
+    }
     settle();
+    let cpu = cpu_s();
     let start = Instant::now();
-    for off in (0..bytes).step_by(CHUNK) {
-        file.write_all_at(&buf, off as u64).expect("plain write");
+    for (i, chunk) in buf.chunks(CHUNK).enumerate() {
+        file.write_all_at(chunk, (i * CHUNK) as u64)
+            .expect("plain write");
     }
     let secs = start.elapsed().as_secs_f64();
+    let cpu_ms = (cpu_s() - cpu) * 1e3;
     drop(file);
     std::fs::remove_file(&path).expect("remove plain file");
-    mib(bytes) / secs
+    Timed {
+        mib_s: mib(bytes) / secs,
+        cpu_ms,
+    }
 }
 
 fn mib(bytes: usize) -> f64 {
@@ -73,7 +111,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 struct Round {
-    out_mib_s: f64,
+    out: Timed,
     fault_p50_us: f64,
     fault_p99_us: f64,
     served_per_s: f64,
@@ -86,9 +124,11 @@ fn swap_round(dir: &Path, bytes: usize, seed: u64) -> Round {
     fill(&ram, seed);
     let swapper = Swapper::new(&ram, dir, SwapOptions::default()).expect("swapper");
     settle();
+    let cpu = cpu_s();
     let start = Instant::now();
     let report = swapper.swap_out(bytes as u64).expect("swap out");
     let secs = start.elapsed().as_secs_f64();
+    let cpu_ms = (cpu_s() - cpu) * 1e3;
     assert_eq!(
         report.pages_written * PAGE_SIZE,
         bytes as u64,
@@ -119,7 +159,10 @@ fn swap_round(dir: &Path, bytes: usize, seed: u64) -> Round {
     let st = swapper.status();
     assert_eq!(st.faults_served, (bytes as u64) / PAGE_SIZE);
     Round {
-        out_mib_s: mib(bytes) / secs,
+        out: Timed {
+            mib_s: mib(bytes) / secs,
+            cpu_ms,
+        },
         fault_p50_us: percentile(&sorted, 0.50),
         fault_p99_us: percentile(&sorted, 0.99),
         served_per_s: sorted.len() as f64 / total_s,
@@ -138,44 +181,65 @@ fn main() {
         .unwrap_or(256);
     let bytes = size_mib << 20;
     println!(
-        "swap benchmark: {size_mib} MiB per round, {ROUNDS} rounds, dir {} (no fsync for either; \
-         `sync` before each timed write)",
+        "swap benchmark: {size_mib} MiB per round, {ROUNDS} rounds, dir {} (same data for both; \
+         no fsync for either; `sync` before each timed write)",
         dir.display()
     );
 
     // One untimed warm-up of each, so the first timed round does not pay for first-use costs.
-    plain_write_mib_s(&dir, bytes);
+    plain_write(&dir, bytes, 99);
     swap_round(&dir, bytes, 99);
     let mut plain = Vec::new();
     let mut rounds = Vec::new();
     for r in 0..ROUNDS {
         // Interleave, alternating the order, so both see the same file-system state.
+        let seed = r as u64;
         if r % 2 == 0 {
-            plain.push(plain_write_mib_s(&dir, bytes));
-            rounds.push(swap_round(&dir, bytes, r as u64));
+            plain.push(plain_write(&dir, bytes, seed));
+            rounds.push(swap_round(&dir, bytes, seed));
         } else {
-            rounds.push(swap_round(&dir, bytes, r as u64));
-            plain.push(plain_write_mib_s(&dir, bytes));
+            rounds.push(swap_round(&dir, bytes, seed));
+            plain.push(plain_write(&dir, bytes, seed));
         }
         let last = rounds.last().expect("a round");
         println!(
-            "  round {r}: plain write {:8.1} MiB/s | swap-out {:8.1} MiB/s | fault p50 {:6.1} us p99 {:6.1} us | {:9.0} pages/s",
-            plain[r], last.out_mib_s, last.fault_p50_us, last.fault_p99_us, last.served_per_s
+            "  round {r}: plain write {:7.1} MiB/s ({:4.0} ms CPU) | swap-out {:7.1} MiB/s ({:4.0} ms CPU) = {:3.0} % | fault p50 {:5.1} us p99 {:6.1} us | {:6.0} pages/s",
+            plain[r].mib_s,
+            plain[r].cpu_ms,
+            last.out.mib_s,
+            last.out.cpu_ms,
+            100.0 * last.out.mib_s / plain[r].mib_s,
+            last.fault_p50_us,
+            last.fault_p99_us,
+            last.served_per_s
         );
         std::io::stdout().flush().expect("stdout");
     }
-    let plain_m = median(plain);
-    let out_m = median(rounds.iter().map(|r| r.out_mib_s).collect());
+    let ratio_m = median(
+        rounds
+            .iter()
+            .zip(&plain)
+            .map(|(s, p)| s.out.mib_s / p.mib_s)
+            .collect(),
+    );
+    let plain_m = median(plain.iter().map(|p| p.mib_s).collect());
+    let plain_cpu = median(plain.iter().map(|p| p.cpu_ms).collect());
+    let out_m = median(rounds.iter().map(|r| r.out.mib_s).collect());
+    let out_cpu = median(rounds.iter().map(|r| r.out.cpu_ms).collect());
     let p50 = median(rounds.iter().map(|r| r.fault_p50_us).collect());
     let p99 = median(rounds.iter().map(|r| r.fault_p99_us).collect());
     let served = median(rounds.iter().map(|r| r.served_per_s).collect());
     let h50 = median(rounds.iter().map(|r| r.handler_p50_us as f64).collect());
     let h99 = median(rounds.iter().map(|r| r.handler_p99_us as f64).collect());
     println!("median of {ROUNDS} rounds:");
-    println!("  plain sequential write      {plain_m:8.1} MiB/s");
+    println!("  plain sequential write      {plain_m:8.1} MiB/s  ({plain_cpu:.0} ms CPU)");
     println!(
-        "  swap-out                    {out_m:8.1} MiB/s  ({:.0} % of plain; goal >= 80 %)",
+        "  swap-out                    {out_m:8.1} MiB/s  ({out_cpu:.0} ms CPU; {:.0} % of plain; goal >= 80 %)",
         100.0 * out_m / plain_m
+    );
+    println!(
+        "  swap-out / plain, per round {:8.0} %  (median of the {ROUNDS} same-round ratios)",
+        100.0 * ratio_m
     );
     println!("  fault-in latency (toucher)  p50 {p50:.1} us, p99 {p99:.1} us  (goal p50 < 20, p99 < 100)");
     println!("  fault service (handler)     p50 {h50:.0} us, p99 {h99:.0} us");

@@ -10,6 +10,10 @@
 //! write-protect) before they are copied, and a page written to before it is dropped stays in
 //! RAM. See `docs/swap.md` for the design, the state machine and failure handling.
 //!
+//! A swap-out of more than one batch writes the file on a second thread (`swap-out-writer`,
+//! alive for the call) while the calling thread write-protects the next batch and commits the
+//! previous one; the writer never takes the page table.
+//!
 //! Lock order: the state machine before the page table; guest memory is never touched by the
 //! swapper while it holds the page table (a fault on it would need the table to be served).
 
@@ -19,11 +23,12 @@ pub mod metrics;
 pub mod state;
 mod uffd;
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -100,7 +105,10 @@ pub type FailureCallback = Arc<dyn Fn(&SwapFailure) + Send + Sync>;
 /// How a [`Swapper`] works.
 #[derive(Clone)]
 pub struct SwapOptions {
-    /// Pages write-protected, copied and written per step of a swap-out (default 256 = 1 MiB).
+    /// Pages write-protected, copied and written per step of a swap-out (default 1024 = 4 MiB).
+    /// With more than one batch to go, batches are written on a second thread while the next
+    /// is prepared and the previous committed, so up to two batches are write-protected at a
+    /// time.
     pub batch_pages: usize,
     /// Told when the swapper fails (see [`FailureCallback`]).
     pub on_failure: Option<FailureCallback>,
@@ -109,7 +117,7 @@ pub struct SwapOptions {
 impl Default for SwapOptions {
     fn default() -> Self {
         SwapOptions {
-            batch_pages: 256,
+            batch_pages: 1024,
             on_failure: None,
         }
     }
@@ -291,6 +299,12 @@ impl Shared {
         lock(&self.table).swapped
     }
 
+    /// Whether page `g` is mapped (`false` if that cannot be told).
+    fn resident(&self, g: usize) -> bool {
+        let mut v = Vec::with_capacity(1);
+        uffd::mincore(self.host_addr(g), PAGE_SIZE, &mut v).is_ok_and(|()| v[0] & 1 != 0)
+    }
+
     /// Enters `Failed` and tells the VMM, once.
     fn fail(&self, reason: String) {
         let swapped = self.swapped();
@@ -404,6 +418,56 @@ impl Shared {
             }
         }
         Ok(())
+    }
+
+    /// Step 5 of a swap-out batch: writes each run of consecutive slots with one `pwritev`
+    /// straight from guest RAM (stable: write-protected; a page written meanwhile is kept in RAM
+    /// by the commit anyway). Stops at the first failed write.
+    fn write_batch(&self, b: &mut Batch) {
+        let mut k = 0;
+        while k < b.slots.len() {
+            let mut e = k + 1;
+            while e < b.slots.len() && e - k < WRITE_PAGES && b.slots[e] == b.slots[e - 1] + 1 {
+                e += 1;
+            }
+            let mut run = GuestPieces::default();
+            for i in &b.nonzero[k..e] {
+                run.push(self.host_addr(b.pages[*i]), PAGE_SIZE as usize);
+            }
+            let offset = file::slot_offset(b.slots[k]);
+            match self.backing.write_pages_at(&run, offset) {
+                Ok(()) => {
+                    b.written[k..e].iter_mut().for_each(|w| *w = true);
+                    SwapMetrics::add(&self.metrics.bytes_written, run.len_bytes());
+                    SwapMetrics::add(&self.metrics.pages_written, (e - k) as u64);
+                    self.file_len
+                        .fetch_max(offset + run.len_bytes(), Ordering::Relaxed);
+                }
+                Err(err) => {
+                    SwapMetrics::add(&self.metrics.write_errors, 1);
+                    tracing::warn!("swap file write failed, pages stay in RAM: {err}");
+                    b.write_failed = true;
+                    return;
+                }
+            }
+            k = e;
+        }
+    }
+
+    /// The swap-out writer thread: writes the batches it is handed, in order, and hands them
+    /// back. After a failed write it writes nothing more (the rest of the call's batches go back
+    /// to RAM unwritten, as the inline writer does). Never takes the page table.
+    fn run_writer(&self, queued: &mpsc::Receiver<Batch>, written: &mpsc::Sender<Batch>) {
+        let mut failed = false;
+        for mut b in queued {
+            if !failed {
+                self.write_batch(&mut b);
+                failed = b.write_failed;
+            }
+            if written.send(b).is_err() {
+                return;
+            }
+        }
     }
 
     fn run_handler(&self, stop: &uffd::EventFd) -> Result<(), String> {
@@ -651,56 +715,145 @@ impl Swapper {
             })?;
             resident.push(v);
         }
-        let candidates = {
+        let candidates: Vec<usize> = {
             let ages = lock(&self.ages);
             let t = lock(&sh.table);
             ages.oldest_first(|r, p| {
                 resident[r][p] & 1 != 0 && t.pages[sh.ranges[r].first_page + p] == IN_RAM
             })
-        };
-        let mut done = 0u64;
-        let mut next = 0usize;
-        while done < want && next < candidates.len() {
-            let n = (self.batch_pages as u64).min(want - done) as usize;
-            let end = (next + n).min(candidates.len());
-            let mut batch: Vec<usize> = candidates[next..end]
-                .iter()
-                .map(|(r, p)| sh.ranges[*r].first_page + p)
-                .collect();
-            next = end;
-            batch.sort_unstable();
-            let out = self.swap_out_batch(&batch)?;
-            done += out.swapped;
-            report.pages_written += out.written;
-            report.zero_pages += out.zero;
-            report.raced_pages += out.raced;
-            if out.write_failed {
-                report.write_errors += 1;
-                break;
+        }
+        .into_iter()
+        .map(|(r, p)| sh.ranges[r].first_page + p)
+        .collect();
+        drop(resident);
+        // More than one batch to go: write on a second thread while this one prepares the next
+        // batch and commits the previous one (see `Pipeline`).
+        if want > self.batch_pages as u64 && candidates.len() > self.batch_pages {
+            let spawned = std::thread::scope(|scope| {
+                let (to_writer, queued) = mpsc::channel::<Batch>();
+                let (to_caller, written) = mpsc::channel::<Batch>();
+                let spawned = std::thread::Builder::new()
+                    .name("swap-out-writer".into())
+                    .spawn_scoped(scope, move || sh.run_writer(&queued, &to_caller));
+                match spawned {
+                    Ok(_) => {
+                        let mut pipe = Pipeline::Thread { to_writer, written };
+                        Some(self.run_batches(&candidates, want, &mut pipe, report))
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            "cannot start the swap-out writer thread ({e}); writing inline"
+                        );
+                        None
+                    }
+                }
+                // Dropping the pipeline closes the writer's queue; the scope joins it.
+            });
+            if let Some(outcome) = spawned {
+                return outcome;
             }
         }
-        Ok(())
+        self.run_batches(
+            &candidates,
+            want,
+            &mut Pipeline::Inline(VecDeque::new(), false),
+            report,
+        )
     }
 
-    /// Write-protects, copies, writes and drops one batch of pages (sorted page indices).
-    fn swap_out_batch(&self, batch: &[usize]) -> Result<BatchOut, SwapError> {
+    /// Swaps out `candidates` (page indices, in the order to take them) in batches until `want`
+    /// pages are in swap: prepares a batch, hands it to `pipe` to be written, and commits the
+    /// written batches in order, with up to `pipe.depth()` batches in flight.
+    fn run_batches(
+        &self,
+        candidates: &[usize],
+        want: u64,
+        pipe: &mut Pipeline,
+        report: &mut SwapReport,
+    ) -> Result<(), SwapError> {
         let sh = &self.shared;
-        let mut out = BatchOut::default();
-        // 1. Claim the pages.
-        let pages: Vec<usize> = {
-            let mut t = lock(&sh.table);
-            batch
-                .iter()
-                .copied()
-                .filter(|g| {
-                    let free = t.pages[*g] == IN_RAM;
-                    if free {
-                        t.pages[*g] = OUTGOING;
+        let mut done = 0u64;
+        let mut next = 0usize;
+        let mut in_flight = 0usize;
+        // Claimed pages of the batches in flight: counted as going, so no more are claimed than
+        // needed; those that do not make it (raced, write failed) are made up for later.
+        let mut going = 0u64;
+        let mut stop = false;
+        let mut error = None;
+        loop {
+            while !stop
+                && in_flight < pipe.depth()
+                && done + going < want
+                && next < candidates.len()
+            {
+                let n = (self.batch_pages as u64).min(want - done - going) as usize;
+                let end = (next + n).min(candidates.len());
+                let mut pages = candidates[next..end].to_vec();
+                next = end;
+                pages.sort_unstable();
+                match self.prepare_batch(pages) {
+                    Ok(b) if b.pages.is_empty() => {}
+                    Ok(b) => {
+                        going += b.pages.len() as u64;
+                        in_flight += 1;
+                        pipe.submit(sh, b);
                     }
-                    free
-                })
-                .collect()
-        };
+                    Err(e) => {
+                        error = Some(e);
+                        stop = true;
+                    }
+                }
+            }
+            if in_flight == 0 {
+                break;
+            }
+            let b = pipe.next_written();
+            in_flight -= 1;
+            going -= b.pages.len() as u64;
+            if b.write_failed {
+                report.write_errors += 1;
+                stop = true;
+            }
+            match self.commit_batch(b) {
+                Ok(out) => {
+                    done += out.swapped;
+                    report.pages_written += out.written;
+                    report.zero_pages += out.zero;
+                    report.raced_pages += out.raced;
+                }
+                Err(e) => {
+                    // The batches still in flight are committed all the same (each keeps its
+                    // pages in RAM if it cannot drop them); the first error is returned.
+                    error.get_or_insert(e);
+                    stop = true;
+                }
+            }
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Steps 1–4 of a swap-out batch (sorted page indices): claims the pages, write-protects
+    /// them, finds the zero pages and gives the others slots.
+    fn prepare_batch(&self, batch: Vec<usize>) -> Result<Batch, SwapError> {
+        let sh = &self.shared;
+        // 1. Claim the pages.
+        let mut pages = batch;
+        {
+            let mut t = lock(&sh.table);
+            pages.retain(|g| {
+                let free = t.pages[*g] == IN_RAM;
+                if free {
+                    t.pages[*g] = OUTGOING;
+                }
+                free
+            });
+        }
+        if pages.is_empty() {
+            return Ok(Batch::default());
+        }
         // 2. Write-protect them: from here on a write faults to the handler, which marks the
         //    page RACED before letting the write through.
         for (first, count) in sh.runs(&pages) {
@@ -732,113 +885,115 @@ impl Swapper {
                 .map(|_| t.slots.alloc().expect("one slot per guest page at most"))
                 .collect()
         };
-        // 5. Write runs of consecutive slots straight from guest RAM (stable: write-protected;
-        //    a page written meanwhile is dropped from the batch in step 6 anyway).
-        let mut written_ok = vec![false; nonzero.len()];
-        let mut k = 0;
-        while k < slots.len() {
-            let mut e = k + 1;
-            while e < slots.len() && slots[e] == slots[e - 1] + 1 {
-                e += 1;
-            }
-            let mut run = GuestPieces::default();
-            for i in &nonzero[k..e] {
-                run.push(sh.host_addr(pages[*i]), PAGE_SIZE as usize);
-            }
-            let offset = file::slot_offset(slots[k]);
-            match sh.backing.write_pages_at(&run, offset) {
-                Ok(()) => {
-                    written_ok[k..e].iter_mut().for_each(|w| *w = true);
-                    SwapMetrics::add(&sh.metrics.bytes_written, run.len_bytes());
-                    SwapMetrics::add(&sh.metrics.pages_written, (e - k) as u64);
-                    sh.file_len
-                        .fetch_max(offset + run.len_bytes(), Ordering::Relaxed);
-                }
-                Err(err) => {
-                    SwapMetrics::add(&sh.metrics.write_errors, 1);
-                    tracing::warn!("swap file write failed, pages stay in RAM: {err}");
-                    out.write_failed = true;
-                    break;
-                }
-            }
-            k = e;
-        }
-        // 6. Commit under the table: a page not written to since step 2 is dropped; the
-        //    handler cannot let a write through meanwhile, as it needs the table to do so.
-        let mut slot_of: Vec<Option<u32>> = vec![None; pages.len()];
-        for (j, i) in nonzero.iter().enumerate() {
-            if written_ok[j] {
-                slot_of[*i] = Some(slots[j]);
+        Ok(Batch {
+            written: vec![false; nonzero.len()],
+            pages,
+            is_zero,
+            nonzero,
+            slots,
+            write_failed: false,
+        })
+    }
+
+    /// Step 6 of a swap-out batch: under the table, drops the pages not written to since step 2
+    /// (the handler cannot let a write through meanwhile, as it needs the table to do so) and
+    /// gives the others back to RAM. Goes [`COMMIT_PAGES`] pages at a time, so that the fault
+    /// handler never waits for the table longer than it takes to drop that many.
+    fn commit_batch(&self, b: Batch) -> Result<BatchOut, SwapError> {
+        let sh = &self.shared;
+        let mut out = BatchOut::default();
+        let mut slot_of: Vec<Option<u32>> = vec![None; b.pages.len()];
+        let mut unwritten: Vec<u32> = Vec::new();
+        for (j, i) in b.nonzero.iter().enumerate() {
+            if b.written[j] {
+                slot_of[*i] = Some(b.slots[j]);
+            } else {
+                unwritten.push(b.slots[j]);
             }
         }
-        let mut t = lock(&sh.table);
-        for (j, _) in nonzero.iter().enumerate() {
-            if !written_ok[j] {
-                t.slots.free(slots[j]);
-            }
-        }
-        let mut drop_list = Vec::with_capacity(pages.len());
+        let mut failed_drop = None;
+        let mut drop_list = Vec::with_capacity(COMMIT_PAGES.min(b.pages.len()));
         let mut unprotect = Vec::new();
-        for (i, g) in pages.iter().enumerate() {
-            match (t.pages[*g], is_zero[i], slot_of[i]) {
-                (RACED, _, slot) => {
-                    if let Some(s) = slot {
-                        t.slots.free(s);
+        let mut dropped = Vec::with_capacity(COMMIT_PAGES.min(b.pages.len()));
+        let mut first = 0;
+        while first < b.pages.len() {
+            let end = (first + COMMIT_PAGES).min(b.pages.len());
+            drop_list.clear();
+            unprotect.clear();
+            let mut t = lock(&sh.table);
+            if first == 0 {
+                for slot in &unwritten {
+                    t.slots.free(*slot);
+                }
+            }
+            let chunk = b.pages[first..end]
+                .iter()
+                .zip(&b.is_zero[first..end])
+                .zip(&slot_of[first..end]);
+            for ((&g, &is_zero), &slot) in chunk {
+                match (t.pages[g], is_zero, slot) {
+                    (RACED, _, slot) => {
+                        if let Some(s) = slot {
+                            t.slots.free(s);
+                        }
+                        t.pages[g] = IN_RAM;
+                        out.raced += 1;
+                    }
+                    (OUTGOING, true, _) => drop_list.push((g, ZERO)),
+                    (OUTGOING, false, Some(s)) => drop_list.push((g, s)),
+                    (OUTGOING, false, None) => {
+                        t.pages[g] = IN_RAM;
+                        unprotect.push(g);
+                    }
+                    (other, _, _) => unreachable!("claimed page in state {other:#x}"),
+                }
+            }
+            if failed_drop.is_none() {
+                dropped.clear();
+                dropped.extend(drop_list.iter().map(|(g, _)| *g));
+                for (run, count) in sh.runs(&dropped) {
+                    if let Err(e) = uffd::dontneed(sh.host_addr(run), count * PAGE_SIZE) {
+                        SwapMetrics::add(&sh.metrics.other_errors, 1);
+                        failed_drop = Some(e);
+                        break;
+                    }
+                }
+            }
+            for (g, s) in &drop_list {
+                // After a failed drop, a page still mapped goes back to RAM; one that is gone
+                // (or whose residency is unknown) keeps its slot: its content is there, and
+                // should it still be mapped, the next swap-in finds it so and keeps it.
+                if failed_drop.is_some() && sh.resident(*g) {
+                    if *s != ZERO {
+                        t.slots.free(*s);
                     }
                     t.pages[*g] = IN_RAM;
-                    out.raced += 1;
-                }
-                (OUTGOING, true, _) => drop_list.push((*g, ZERO)),
-                (OUTGOING, false, Some(s)) => drop_list.push((*g, s)),
-                (OUTGOING, false, None) => {
-                    t.pages[*g] = IN_RAM;
                     unprotect.push(*g);
+                    continue;
                 }
-                (other, _, _) => unreachable!("claimed page in state {other:#x}"),
-            }
-        }
-        let dropped: Vec<usize> = drop_list.iter().map(|(g, _)| *g).collect();
-        let mut failed_drop = None;
-        for (first, count) in sh.runs(&dropped) {
-            if let Err(e) = uffd::dontneed(sh.host_addr(first), count * PAGE_SIZE) {
-                failed_drop = Some(e);
-                break;
-            }
-        }
-        if let Some(source) = failed_drop {
-            // Some pages may still be mapped: keep all of them, data intact.
-            SwapMetrics::add(&sh.metrics.other_errors, 1);
-            for (g, s) in &drop_list {
-                if *s != ZERO {
-                    t.slots.free(*s);
+                t.pages[*g] = *s;
+                t.swapped += 1;
+                out.swapped += 1;
+                if *s == ZERO {
+                    t.zero += 1;
+                    out.zero += 1;
+                } else {
+                    out.written += 1;
                 }
-                t.pages[*g] = IN_RAM;
-                unprotect.push(*g);
             }
             unprotect.sort_unstable();
             self.unprotect_locked(&unprotect);
             drop(t);
-            return Err(SwapError::Host {
+            first = end;
+        }
+        SwapMetrics::add(&sh.metrics.raced_pages, out.raced);
+        match failed_drop {
+            Some(source) => Err(SwapError::Host {
                 op: "MADV_DONTNEED",
                 source,
-            });
+            }),
+            None => Ok(out),
         }
-        for (g, s) in &drop_list {
-            t.pages[*g] = *s;
-            t.swapped += 1;
-            if *s == ZERO {
-                t.zero += 1;
-                out.zero += 1;
-            } else {
-                out.written += 1;
-            }
-        }
-        out.swapped = drop_list.len() as u64;
-        unprotect.sort_unstable();
-        self.unprotect_locked(&unprotect);
-        drop(t);
-        SwapMetrics::add(&sh.metrics.raced_pages, out.raced);
-        Ok(out)
     }
 
     /// Clears write protection on sorted pages (the caller holds the table).
@@ -1028,7 +1183,95 @@ struct BatchOut {
     written: u64,
     zero: u64,
     raced: u64,
+}
+
+/// One swap-out batch between its steps: claimed (`OUTGOING`) and write-protected, zero pages
+/// found, slots given to the others; then written.
+#[derive(Debug, Default)]
+struct Batch {
+    /// The claimed pages, sorted.
+    pages: Vec<usize>,
+    /// Per page of `pages`: all zero (not written).
+    is_zero: Vec<bool>,
+    /// Indices into `pages` of the non-zero pages, in order.
+    nonzero: Vec<usize>,
+    /// The slot of each non-zero page (ascending).
+    slots: Vec<u32>,
+    /// Per non-zero page: its slot was written.
+    written: Vec<bool>,
+    /// A write failed.
     write_failed: bool,
+}
+
+/// Batches in flight (write-protected, not yet committed), at most, with a writer thread: one
+/// being written while the one before it is committed and the one after it prepared. (A third
+/// measured no faster and keeps more pages write-protected.)
+const PIPELINE_DEPTH: usize = 2;
+
+/// Most pages written by one `pwritev`: 1 MiB, the size of the baseline's writes in
+/// `bench/swap`. Larger writes make the kernel use larger page-cache folios, which on the
+/// development VM often land on memory its host has to fault in again: 4 MiB writes were 3–10
+/// times slower in about one run in four, 1 MiB ones rarely (see `docs/swap.md`).
+const WRITE_PAGES: usize = 256;
+
+/// Most pages committed (checked and dropped) per hold of the page table, which bounds how long
+/// the fault handler can wait for it (about 80 µs for 256 pages here).
+const COMMIT_PAGES: usize = 256;
+
+/// Where swap-out batches are written.
+///
+/// With a writer thread, the file write of batch `i` (most of the time: the kernel copies the
+/// pages into the page cache) overlaps the write-protect ioctl and zero scan of batch `i + 1`
+/// and the commit (`MADV_DONTNEED`) of batch `i - 1` on the calling thread. Every step keeps
+/// its place in the no-lost-write argument: a batch is write-protected before it is written
+/// and committed only after, under the table, and the writer never takes the table.
+enum Pipeline {
+    /// Written on the calling thread as soon as submitted (one batch in flight); the flag is
+    /// set after a failed write.
+    Inline(VecDeque<Batch>, bool),
+    /// Written on a `swap-out-writer` thread (see `Shared::run_writer`).
+    Thread {
+        to_writer: mpsc::Sender<Batch>,
+        written: mpsc::Receiver<Batch>,
+    },
+}
+
+impl Pipeline {
+    fn depth(&self) -> usize {
+        match self {
+            Pipeline::Inline(..) => 1,
+            Pipeline::Thread { .. } => PIPELINE_DEPTH,
+        }
+    }
+
+    fn submit(&mut self, sh: &Shared, mut b: Batch) {
+        match self {
+            Pipeline::Inline(done, failed) => {
+                if !*failed {
+                    sh.write_batch(&mut b);
+                    *failed = b.write_failed;
+                }
+                done.push_back(b);
+            }
+            Pipeline::Thread { to_writer, .. } => {
+                // The writer only stops when this sender is dropped.
+                to_writer
+                    .send(b)
+                    .expect("the swap-out writer thread is running");
+            }
+        }
+    }
+
+    /// The oldest submitted batch, written (or not, after a failure).
+    fn next_written(&mut self) -> Batch {
+        match self {
+            Pipeline::Inline(done, _) => done.pop_front().expect("a batch was submitted"),
+            // Ends only by panicking (the scope then re-raises it).
+            Pipeline::Thread { written, .. } => written
+                .recv()
+                .expect("the swap-out writer thread is running"),
+        }
+    }
 }
 
 /// Runs of consecutive page indices in a sorted list, as (first, count). `breaks` holds the

@@ -338,13 +338,32 @@ fn ten_thousand_random_pages_of_64_mib_come_back_in_random_order() {
 
 #[test]
 fn concurrent_writer_during_swap_out_loses_no_write() {
+    concurrent_writer_loses_no_write(SwapOptions::default().batch_pages);
+}
+
+/// The same with many small batches, so that most of them are written on the writer thread
+/// while the next one is write-protected and the previous one committed.
+#[test]
+fn concurrent_writer_during_pipelined_swap_out_loses_no_write() {
+    concurrent_writer_loses_no_write(64);
+}
+
+fn concurrent_writer_loses_no_write(batch_pages: usize) {
     let size = 8usize << 20;
     let ram = ram(&[(0, size as u64)]);
     write_pattern(&ram, 13);
     let mut shadow: Vec<u8> = (0..size / PAGE)
         .flat_map(|p| pattern_page(p as u64, 13))
         .collect();
-    let s = swapper(&ram);
+    let s = Swapper::new(
+        &ram,
+        &std::env::temp_dir(),
+        SwapOptions {
+            batch_pages,
+            ..SwapOptions::default()
+        },
+    )
+    .expect("swapper");
     let stop = Arc::new(AtomicBool::new(false));
     let writes = Arc::new(AtomicU64::new(0));
     let writer = {
@@ -500,6 +519,80 @@ impl SwapBacking for Arc<Faulty> {
     fn path(&self) -> Option<&Path> {
         self.inner.path()
     }
+}
+
+/// A swap file that records the size of every write.
+#[derive(Debug)]
+struct Recording {
+    inner: SwapFile,
+    writes: Mutex<Vec<u64>>,
+}
+
+impl SwapBacking for Arc<Recording> {
+    fn write_pages_at(&self, pages: &GuestPieces, offset: u64) -> io::Result<()> {
+        lock(&self.writes).push(pages.len_bytes());
+        self.inner.write_pages_at(pages, offset)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn path(&self) -> Option<&Path> {
+        self.inner.path()
+    }
+}
+
+#[test]
+fn a_pipelined_swap_out_writes_at_most_a_mebibyte_at_a_time_and_loses_nothing() {
+    // Two ranges, every 5th page zero: batches of 1024 pages (the default) cross the range
+    // boundary, and slot runs are shorter than page runs.
+    let ram = ram(&[(0, 12 << 20), (16 << 20, 8 << 20)]);
+    write_pattern(&ram, 23);
+    for (i, addr) in pages_of(&ram).into_iter().enumerate() {
+        if i % 5 == 0 {
+            ram.memory().write_slice(&[0u8; PAGE], addr).expect("zero");
+        }
+    }
+    let pages = ram.size_bytes() / PAGE_SIZE;
+    let zero = pages.div_ceil(5);
+    let backing = Arc::new(Recording {
+        inner: SwapFile::create(&std::env::temp_dir()).expect("file"),
+        writes: Mutex::new(Vec::new()),
+    });
+    let s = Swapper::with_backing(&ram, Box::new(Arc::clone(&backing)), SwapOptions::default())
+        .expect("swapper");
+
+    let report = s.swap_out(ram.size_bytes()).expect("swap out");
+
+    assert_eq!(report.swapped_pages, pages);
+    assert_eq!(report.zero_pages, zero);
+    assert_eq!(report.pages_written, pages - zero);
+    let writes = lock(&backing.writes).clone();
+    assert!(writes.iter().all(|w| *w <= 1 << 20), "{writes:?}");
+    assert_eq!(writes.iter().sum::<u64>(), (pages - zero) * PAGE_SIZE);
+    assert_eq!(s.status().file_size_bytes, (pages - zero) * PAGE_SIZE);
+    let bad: Vec<usize> = mismatches_on_thread(&ram, 23)
+        .into_iter()
+        .filter(|p| p % 5 != 0)
+        .collect();
+    assert!(bad.is_empty(), "pages differ: {bad:?}");
+    let st = s.status();
+    assert_eq!(st.faults_served, pages - zero);
+    assert_eq!(st.zero_faults, zero);
+    assert_eq!(st.swapped_pages, 0);
+    let r2 = ram.clone();
+    let zeros_ok = std::thread::spawn(move || {
+        let mut buf = vec![1u8; PAGE];
+        pages_of(&r2).into_iter().step_by(5).all(|addr| {
+            r2.memory().read_slice(&mut buf, addr).expect("read");
+            buf.iter().all(|b| *b == 0)
+        })
+    })
+    .join()
+    .expect("reader");
+    assert!(zeros_ok);
 }
 
 #[test]
