@@ -158,7 +158,11 @@ fn ctl_drives_a_running_vm_through_the_api() {
         assert!(metrics.contains("vm=\"vm0\""), "{metrics}");
         assert!(metrics.contains("balloon0"), "{metrics}");
         assert!(
-            metrics.contains(r#"memvisor_device_swap_state_total{vm="vm0",device="swap"} 0"#),
+            metrics.contains(r#"memvisor_device_swap_state{vm="vm0",device="swap"} 0"#),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("# TYPE memvisor_device_swap_faults_served_total counter"),
             "{metrics}"
         );
 

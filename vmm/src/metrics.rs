@@ -83,6 +83,29 @@ impl PromText {
         }
     }
 
+    /// Adds a device's values: those `is_gauge` picks as gauges `memvisor_device_<name>{vm,
+    /// device}` (a state, a size, a latency quantile, a maximum), the others as counters as
+    /// [`PromText::device_counters`] does.
+    pub fn device_values(
+        &mut self,
+        vm: &str,
+        device: &str,
+        values: &[(&str, u64)],
+        is_gauge: impl Fn(&str) -> bool,
+    ) {
+        let (gauges, counters): (Vec<_>, Vec<_>) =
+            values.iter().copied().partition(|(name, _)| is_gauge(name));
+        for (name, value) in gauges {
+            self.gauge(
+                &format!("memvisor_device_{}", sanitize_name(name)),
+                "Per-device value, registered by the device.",
+                &[("vm", vm), ("device", device)],
+                value as f64,
+            );
+        }
+        self.device_counters(vm, device, &counters);
+    }
+
     /// Adds `memvisor_vmm_resident_bytes`, this process's resident memory (nothing if
     /// `/proc/self/statm` cannot be read).
     pub fn vmm_resident(&mut self) {
@@ -346,6 +369,30 @@ mod tests {
             "{text}"
         );
         assert_eq!(text.matches("# TYPE").count(), 2);
+    }
+
+    #[test]
+    fn device_values_split_gauges_from_counters() {
+        let mut t = PromText::new();
+        t.device_values(
+            "vm0",
+            "swap",
+            &[("swap_swapped_pages", 7), ("swap_faults_served", 3)],
+            |n| n == "swap_swapped_pages",
+        );
+        let text = t.finish();
+        assert!(
+            text.contains("# TYPE memvisor_device_swap_swapped_pages gauge\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("memvisor_device_swap_swapped_pages{vm=\"vm0\",device=\"swap\"} 7\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE memvisor_device_swap_faults_served_total counter\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -99,6 +99,16 @@ pub enum VmError {
     PauseTimeout(Duration),
 }
 
+/// The swapper's values that are levels, not counts.
+const SWAP_GAUGES: &[&str] = &[
+    "swap_state",
+    "swap_swapped_pages",
+    "swap_zero_pages",
+    "swap_file_size_bytes",
+    "swap_fault_latency_p50_us",
+    "swap_fault_latency_p99_us",
+];
+
 /// First legacy IRQ handed to virtio-mmio devices (IRQ 4 is COM1).
 const VIRTIO_IRQ_BASE: u32 = 5;
 /// Last IOAPIC pin usable by a virtio-mmio device.
@@ -716,12 +726,12 @@ impl Vm {
         if let Some(mem) = &self.devices.mem {
             let metrics = mem.lock().map(|m| m.metrics()).ok();
             if let Some(metrics) = metrics {
-                text.device_counters(&self.id, "mem0", &metrics.values());
+                text.device_values(&self.id, "mem0", &metrics.values(), |n| n.ends_with("_max"));
             }
         }
         let swap = self.swap.metrics();
         if !swap.is_empty() {
-            text.device_counters(&self.id, "swap", &swap);
+            text.device_values(&self.id, "swap", &swap, |n| SWAP_GAUGES.contains(&n));
         }
         text.finish()
     }
