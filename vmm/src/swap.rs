@@ -265,9 +265,13 @@ impl VmSwap {
         }
     }
 
-    /// For VM teardown: waits for a running request, then, if the swapper failed, lets go of
-    /// its userfaultfd so vCPUs blocked on a fault nobody serves get out.
+    /// For VM teardown: cancels and waits for a running request, then, if the swapper failed,
+    /// lets go of its userfaultfd so vCPUs blocked on a fault nobody serves get out.
     pub fn shutdown(&self) {
+        if let Some(s) = self.swapper() {
+            // A long swap-out stops after its current batch instead of holding up the stop.
+            s.cancel();
+        }
         if let Some(h) = lock(&self.worker).take() {
             let _ = h.join();
         }

@@ -521,6 +521,8 @@ pub struct Swapper {
     op: Mutex<()>,
     ages: Mutex<Ages>,
     batch_pages: usize,
+    /// Set by [`Swapper::cancel`]: swap-outs and swap-ins stop after their current batch.
+    cancelled: AtomicBool,
 }
 
 impl fmt::Debug for Swapper {
@@ -623,7 +625,18 @@ impl Swapper {
             op: Mutex::new(()),
             ages: Mutex::new(Ages::new(&pages_per_range)),
             batch_pages: options.batch_pages.max(1),
+            cancelled: AtomicBool::new(false),
         })
+    }
+
+    /// For teardown: a running swap-out or swap-in stops after its current batch (its report
+    /// says what it did), and later calls move nothing. Faults are still served.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
     }
 
     /// Fails the swapper if the fault-handling thread is gone; returns the failure, if any.
@@ -661,7 +674,7 @@ impl Swapper {
         let target = target_bytes.div_ceil(PAGE_SIZE).min(total);
         let swapped = self.shared.swapped();
         let mut report = SwapReport::default();
-        if target != swapped {
+        if target != swapped && !self.is_cancelled() {
             let going = if target > swapped {
                 SwapState::SwappingOut
             } else {
@@ -782,6 +795,7 @@ impl Swapper {
         let mut error = None;
         loop {
             while !stop
+                && !self.is_cancelled()
                 && in_flight < pipe.depth()
                 && done + going < want
                 && next < candidates.len()
@@ -1032,6 +1046,9 @@ impl Swapper {
         };
         let mut buf = PageBuf([0; PAGE_SIZE as usize]);
         for chunk in candidates.chunks(64) {
+            if self.is_cancelled() {
+                break;
+            }
             let mut t = lock(&sh.table);
             for g in chunk {
                 match sh.swap_in_locked(&mut t, *g, &mut buf) {

@@ -751,3 +751,22 @@ fn runs_never_cross_a_range_boundary() {
     );
     assert!(runs_within(&[], &[0]).is_empty());
 }
+
+#[test]
+fn swap_cancel_stops_moving_pages_but_faults_are_still_served() {
+    let ram = ram(&[(0, 4 << 20)]);
+    write_pattern(&ram, 9);
+    let s = swapper(&ram);
+    let report = s.swap_out(2 << 20).expect("swap out half");
+    assert_eq!(report.swapped_pages, 512);
+
+    s.cancel();
+    let more = s.swap_out(4 << 20).expect("cancelled swap-out");
+    assert_eq!((more.pages_written, more.swapped_pages), (0, 512));
+    let back = s.swap_out(0).expect("cancelled swap-in");
+    assert_eq!((back.pages_swapped_in, back.swapped_pages), (0, 512));
+    assert_eq!(s.status().state, SwapState::Active);
+    // The pages in swap still come back, with their bytes, when touched.
+    assert!(mismatches_on_thread(&ram, 9).is_empty());
+    assert_eq!(s.status().swapped_pages, 0);
+}
