@@ -129,6 +129,8 @@ fn ctl_drives_a_running_vm_through_the_api() {
         );
         assert_eq!(out["state"], "active", "{out}");
         assert!(out["swapped_pages"].as_u64().expect("pages") > 0, "{out}");
+        let info = ctl(s, false, CtlCommand::Info { id: id() }).expect("info");
+        assert!(info.contains("swapped "), "{info}");
         let back: serde_json::Value = serde_json::from_str(&swap(Some(0))).expect("json");
         assert_eq!(back["state"], "idle", "{back}");
         assert_eq!(back["swapped_pages"], 0, "{back}");

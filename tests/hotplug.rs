@@ -94,6 +94,7 @@ fn guest_kernel_plugs_256_mib_and_unplugs_it_again() {
         "the kernel's page count grew by {grown} pages: {totals:?}"
     );
     assert_eq!(vm.info().memory.guest_visible_mib, 128 + 256);
+    assert_eq!(vm.info().memory.plugged_mib, 256);
 
     // A guest that used its new memory has it resident on the host (guest user space cannot
     // run on every test host, so the host writes it on the guest's behalf).

@@ -139,6 +139,15 @@ pub struct MemoryInfo {
     pub guest_visible_mib: u64,
     /// Guest RAM pages resident in host memory.
     pub host_resident_mib: u64,
+    /// Memory the guest has given back through its balloon.
+    #[serde(default)]
+    pub ballooned_mib: u64,
+    /// virtio-mem memory the guest has plugged.
+    #[serde(default)]
+    pub plugged_mib: u64,
+    /// Guest RAM in the VM's swap file (or dropped as zero pages by swap).
+    #[serde(default)]
+    pub swapped_mib: u64,
 }
 
 /// One VM, as `GET /api/v1/vms/{id}` shows it.
@@ -343,6 +352,9 @@ pub mod fake {
                                 boot_mib,
                                 guest_visible_mib: boot_mib,
                                 host_resident_mib: boot_mib / 4,
+                                ballooned_mib: 0,
+                                plugged_mib: 0,
+                                swapped_mib: 0,
                             },
                         },
                     }

@@ -276,6 +276,15 @@ fn render(command: &CtlCommand, reply: &HttpReply) -> anyhow::Result<String> {
                 mib(vm.memory.guest_visible_mib),
                 mib(vm.memory.host_resident_mib)
             );
+            let m = &vm.memory;
+            if m.ballooned_mib + m.plugged_mib + m.swapped_mib > 0 {
+                s += &format!(
+                    "           ballooned {}, plugged {}, swapped {}\n",
+                    mib(m.ballooned_mib),
+                    mib(m.plugged_mib),
+                    mib(m.swapped_mib)
+                );
+            }
             s += &format!("  cpus:    {}\n", c.cpus);
             s += &format!("  kernel:  {}\n", c.kernel.display());
             if let Some(initrd) = &c.initrd {

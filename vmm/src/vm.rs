@@ -599,6 +599,12 @@ impl Vm {
                 boot_mib,
                 guest_visible_mib: (boot_mib + plugged_mib).saturating_sub(ballooned_mib),
                 host_resident_mib: self.resident_bytes() >> 20,
+                ballooned_mib,
+                plugged_mib,
+                swapped_mib: self
+                    .swap
+                    .swapper()
+                    .map_or(0, |s| (s.status().swapped_pages * memory::PAGE_SIZE) >> 20),
             },
         }
     }
