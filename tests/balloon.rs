@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use memvisor_tests::{idle_kernel_guest, run_until, vm_rss_bytes, IDLE_LINE};
+use memvisor_tests::{idle_kernel_guest, run_until, start_idle_kernel, vm_rss_bytes};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::{Vm, VmExit, VmIo};
 
@@ -46,13 +46,7 @@ fn guest_kernel_inflates_to_target_and_deflates_back() {
             .expect("fill guest RAM");
     }
 
-    vm.start().expect("start");
-    run_until(
-        &mut vm,
-        BOOT_TIMEOUT,
-        "the guest kernel to finish booting",
-        |vm| vm.console().tail().iter().any(|l| l.contains(IDLE_LINE)),
-    );
+    start_idle_kernel(&mut vm, BOOT_TIMEOUT);
     let rss_before = vm_rss_bytes();
     vm.balloon()
         .expect("balloon")

@@ -194,6 +194,14 @@ pub fn run_until(
     }
 }
 
+/// Starts a VM built from [`idle_kernel_guest`] and runs it until its kernel is idle.
+pub fn start_idle_kernel(vm: &mut Vm, timeout: Duration) {
+    vm.start().expect("start");
+    run_until(vm, timeout, "the guest kernel to finish booting", |vm| {
+        vm.console().tail().iter().any(|l| l.contains(IDLE_LINE))
+    });
+}
+
 /// A fresh directory for this test process.
 pub fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("memvisor-test-{}-{name}", std::process::id()));

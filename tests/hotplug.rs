@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use memvisor_tests::{captured_vm, idle_kernel_guest, run_until, vm_rss_bytes, IDLE_LINE};
+use memvisor_tests::{captured_vm, idle_kernel_guest, run_until, start_idle_kernel, vm_rss_bytes};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::action::{Action, ActionError, ActionReply, MemoryRequest};
 use vmm::{Vm, VmExit};
@@ -44,13 +44,7 @@ fn guest_kernel_plugs_256_mib_and_unplugs_it_again() {
     let mut config = idle_kernel_guest(128);
     config.hotplug = Some(vmm::config::parse_hotplug_options("1G").expect("hotplug options"));
     let (mut vm, capture) = captured_vm(&config);
-    vm.start().expect("start");
-    run_until(
-        &mut vm,
-        BOOT_TIMEOUT,
-        "the guest kernel to finish booting",
-        |vm| vm.console().tail().iter().any(|l| l.contains(IDLE_LINE)),
-    );
+    start_idle_kernel(&mut vm, BOOT_TIMEOUT);
     let status = memory(&mut vm, Action::GetMemory).expect("memory");
     assert!(status.driver_active, "the guest's virtio-mem driver runs");
     assert_eq!((status.plugged_mib, status.region_size_mib), (0, 1024));
