@@ -219,6 +219,13 @@ fn guest_pattern_survives_two_swap_outs_byte_for_byte() {
         wait_for_console(&mut vm, &capture, &format!("W{round}\n"));
         let status = swap_out_all(&mut vm);
         assert_eq!(status["state"], "active", "{status}");
+        eprintln!(
+            "round {round}: swap-out of {} pages ({} written, {} zero) in {} µs",
+            status["last"]["swapped_pages"],
+            status["last"]["pages_written"],
+            status["last"]["zero_pages"],
+            status["last"]["elapsed_us"]
+        );
         assert!(
             field(&status, "swapped_pages") >= pattern_pages,
             "round {round}: the pattern pages are swapped: {status}"
@@ -245,6 +252,10 @@ fn guest_pattern_survives_two_swap_outs_byte_for_byte() {
         "the guest read back what it wrote; swap: {status}"
     );
     assert_eq!(exit, VmExit::Reset);
+    eprintln!(
+        "guest faults served {}, fault latency p50 {} µs, p99 {} µs",
+        status["faults_served"], status["fault_latency_p50_us"], status["fault_latency_p99_us"]
+    );
     assert!(
         field(&status, "faults_served") >= 2 * pattern_pages,
         "each verification faulted the pattern back in: {status}"
