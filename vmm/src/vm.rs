@@ -389,6 +389,9 @@ impl Vm {
         // buffers in plugged memory, e.g. balloon pages).
         let mut device_mem = mem.clone();
         let mut hotplug_ram = None;
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("report CPUID"))?;
         if let Some(hp_config) = config.hotplug {
             let dev_err = |reason: String| VmError::Device {
                 device: "virtio-mem",
@@ -399,6 +402,18 @@ impl Vm {
             let placed = hp_config
                 .placed(&ram_layout)
                 .map_err(|e| dev_err(e.to_string()))?;
+            // The guest can only use memory its CPU can address.
+            let bits = cpuid::phys_addr_bits(supported.as_slice());
+            let end = placed
+                .region_addr
+                .unwrap_or(0)
+                .saturating_add(placed.region_size.bytes());
+            if bits < 64 && end > 1u64 << bits {
+                return Err(dev_err(format!(
+                    "the hotplug region would end at {end:#x}, beyond the guest's \
+                     {bits}-bit physical address space"
+                )));
+            }
             let memslots = KvmMemslots::new(vm_fd.clone(), ram.ranges().len() as u32);
             let device =
                 VirtioMem::new(placed, Box::new(memslots)).map_err(|e| dev_err(e.to_string()))?;
@@ -488,9 +503,6 @@ impl Vm {
         let io_bus = Arc::new(io_bus);
         let mmio_bus = Arc::new(mmio_bus);
 
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("report CPUID"))?;
         let mut pending_vcpus = Vec::with_capacity(usize::from(config.cpus));
         for index in 0..config.cpus {
             let fd = vm_fd

@@ -80,6 +80,17 @@ pub fn filter_cpuid(entries: &mut [kvm_cpuid_entry2], cpu_index: u8, cpu_count: 
     }
 }
 
+/// The guest's physical address width from CPUID leaf 0x8000_0008 (EAX bits 7:0), 36 (the
+/// architectural minimum) when the leaf is missing.
+pub fn phys_addr_bits(entries: &[kvm_cpuid_entry2]) -> u32 {
+    entries
+        .iter()
+        .find(|e| e.function == 0x8000_0008)
+        .map(|e| e.eax & 0xff)
+        .filter(|b| *b > 0)
+        .unwrap_or(36)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,6 +112,14 @@ mod tests {
             edx,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn physical_address_width_comes_from_leaf_0x80000008() {
+        assert_eq!(phys_addr_bits(&sample()), 36, "missing leaf: the minimum");
+        let mut entries = sample();
+        entries.push(entry(0x8000_0008, 0, 0x3028, 0, 0, 0));
+        assert_eq!(phys_addr_bits(&entries), 40);
     }
 
     fn sample() -> Vec<kvm_cpuid_entry2> {
