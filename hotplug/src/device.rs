@@ -51,13 +51,13 @@ pub struct VirtioMemConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region_addr: Option<u64>,
     /// Size of the hotplug region: the most memory the guest can ever get plugged.
-    #[serde(with = "size_serde")]
+    #[serde(with = "memory::size::size_serde")]
     pub region_size: ByteSize,
     /// Plug/unplug granularity; a power of two, at least 4 KiB.
-    #[serde(default = "default_block_size", with = "size_serde")]
+    #[serde(default = "default_block_size", with = "memory::size::size_serde")]
     pub block_size: ByteSize,
     /// Size of each memslot the region is split into; a multiple of `block_size`.
-    #[serde(default = "default_slot_size", with = "size_serde")]
+    #[serde(default = "default_slot_size", with = "memory::size::size_serde")]
     pub slot_size: ByteSize,
 }
 
@@ -122,30 +122,6 @@ impl VirtioMemConfig {
             });
         }
         Ok(addr)
-    }
-}
-
-/// Sizes in the config file: a number of bytes or a string with a K/M/G suffix.
-mod size_serde {
-    use memory::ByteSize;
-    use serde::{de, Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(v: &ByteSize, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(v)
-    }
-
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Bytes(u64),
-        Text(String),
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
-        match Raw::deserialize(d)? {
-            Raw::Bytes(b) => Ok(ByteSize(b)),
-            Raw::Text(t) => t.parse().map_err(de::Error::custom),
-        }
     }
 }
 
@@ -458,48 +434,37 @@ impl HotplugRegion {
         request_blocks(addr, nb_blocks, self.addr, self.size, self.block_size)
     }
 
-    /// Adds `slots`; on failure removes the ones it added and reports the failure.
-    fn add_slots(&mut self, slots: &[usize]) -> Result<(), VirtioMemError> {
+    /// Adds `slots` (`add`) or removes them; on a failure puts back the ones it changed and
+    /// reports the failure.
+    fn change_slots(&mut self, slots: &[usize], add: bool) -> Result<(), VirtioMemError> {
         for (i, &index) in slots.iter().enumerate() {
             let slot = self.slot(index);
-            if let Err(source) = self.memslots.add(&slot) {
+            let result = if add {
+                self.memslots.add(&slot)
+            } else {
+                self.memslots.remove(&slot)
+            };
+            if let Err(source) = result {
                 VirtioMemMetrics::add(&self.metrics.memslot_failures, 1);
-                for &added in &slots[..i] {
-                    self.undo(added, false);
+                for &changed in &slots[..i] {
+                    self.undo(changed, !add);
                 }
                 return Err(VirtioMemError::Memslot {
-                    op: "add",
+                    op: if add { "add" } else { "remove" },
                     index: slot.index,
                     source,
                 });
             }
-            VirtioMemMetrics::add(&self.metrics.memslot_adds, 1);
+            let counter = if add {
+                &self.metrics.memslot_adds
+            } else {
+                &self.metrics.memslot_removes
+            };
+            VirtioMemMetrics::add(counter, 1);
         }
         Ok(())
     }
 
-    /// Removes `slots`; on failure adds back the ones it removed and reports the failure.
-    fn remove_slots(&mut self, slots: &[usize]) -> Result<(), VirtioMemError> {
-        for (i, &index) in slots.iter().enumerate() {
-            let slot = self.slot(index);
-            if let Err(source) = self.memslots.remove(&slot) {
-                VirtioMemMetrics::add(&self.metrics.memslot_failures, 1);
-                for &removed in &slots[..i] {
-                    self.undo(removed, true);
-                }
-                return Err(VirtioMemError::Memslot {
-                    op: "remove",
-                    index: slot.index,
-                    source,
-                });
-            }
-            VirtioMemMetrics::add(&self.metrics.memslot_removes, 1);
-        }
-        Ok(())
-    }
-
-    /// Rolls one slot back to how it was; a failure here leaves the slot out of step with the
-    /// bitmap, which is logged and counted.
     fn undo(&mut self, index: usize, add: bool) {
         let slot = self.slot(index);
         let result = if add {
@@ -553,7 +518,7 @@ impl HotplugRegion {
             .clone()
             .filter(|&s| self.slot_plugged[s] == 0)
             .collect();
-        self.add_slots(&new)?;
+        self.change_slots(&new, true)?;
         for s in slots {
             self.slot_plugged[s] += self.overlap(&blocks, s);
         }
@@ -579,7 +544,7 @@ impl HotplugRegion {
             .clone()
             .filter(|&s| self.slot_plugged[s] == self.overlap(&blocks, s))
             .collect();
-        self.remove_slots(&emptied)?;
+        self.change_slots(&emptied, false)?;
         for s in slots {
             self.slot_plugged[s] -= self.overlap(&blocks, s);
         }
@@ -597,7 +562,7 @@ impl HotplugRegion {
         let present: Vec<usize> = (0..self.slot_plugged.len())
             .filter(|&s| self.slot_plugged[s] != 0)
             .collect();
-        self.remove_slots(&present)?;
+        self.change_slots(&present, false)?;
         self.slot_plugged.fill(0);
         self.bitmap.clear();
         Ok(bytes)

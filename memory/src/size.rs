@@ -83,6 +83,35 @@ impl fmt::Display for ByteSize {
     }
 }
 
+/// Sizes in config files (`#[serde(with = "memory::size::size_serde")]`): a string with a
+/// K/M/G suffix (`"512M"`) or a number of bytes; written back as the suffixed string.
+pub mod size_serde {
+    use super::ByteSize;
+    use serde::{de, Deserialize, Deserializer, Serializer};
+
+    /// Writes the size as a suffixed string.
+    pub fn serialize<S: Serializer>(v: &ByteSize, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Bytes(u64),
+        Text(String),
+    }
+
+    /// Reads a suffixed string or a number of bytes.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+        match Raw::deserialize(d).map_err(|_| {
+            de::Error::custom("expected a size such as \"512M\" or a number of bytes")
+        })? {
+            Raw::Bytes(b) => Ok(ByteSize(b)),
+            Raw::Text(s) => s.parse().map_err(de::Error::custom),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

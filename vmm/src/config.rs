@@ -299,33 +299,7 @@ pub fn host_memory_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Sizes in config files: a string with a K/M/G suffix (`"512M"`) or a number of bytes.
-pub mod size_serde {
-    use memory::ByteSize;
-    use serde::{de, Deserialize, Deserializer, Serializer};
-
-    /// Writes the size as a suffixed string.
-    pub fn serialize<S: Serializer>(v: &ByteSize, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(v)
-    }
-
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Bytes(u64),
-        Text(String),
-    }
-
-    /// Reads a suffixed string or a number of bytes.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
-        match Raw::deserialize(d).map_err(|_| {
-            de::Error::custom("expected a size such as \"512M\" or a number of bytes")
-        })? {
-            Raw::Bytes(b) => Ok(ByteSize(b)),
-            Raw::Text(s) => s.parse().map_err(de::Error::custom),
-        }
-    }
-}
+pub use memory::size::size_serde;
 
 #[cfg(test)]
 mod tests {
