@@ -270,8 +270,6 @@ pub struct Vm {
     _ksm_guard: Option<memory::ksm::KsmGuard>,
     swap: Arc<VmSwap>,
     age_sampler: bool,
-    /// The virtio-mem region's memory (also held by the device), for residency figures.
-    hotplug_ram: Option<GuestRam>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -548,7 +546,6 @@ impl Vm {
             _ksm_guard: ksm_guard,
             swap,
             age_sampler: false,
-            hotplug_ram,
         })
     }
 
@@ -623,10 +620,12 @@ impl Vm {
 
     /// Host memory resident for the guest: RAM and the hotplug region.
     fn resident_bytes(&self) -> u64 {
-        let hp = self
-            .hotplug_ram
+        let region = self
+            .devices
+            .mem
             .as_ref()
-            .map_or(0, |r| r.resident_bytes().unwrap_or(0));
+            .and_then(|m| Some(m.lock().ok()?.ram().clone()));
+        let hp = region.map_or(0, |r| r.resident_bytes().unwrap_or(0));
         self.ram.resident_bytes().unwrap_or(0) + hp
     }
 

@@ -664,6 +664,18 @@ fn failing_swapper(
     (s, rx)
 }
 
+/// A thread that reads guest page 0 (a vCPU touching a swapped page); it blocks until the
+/// fault is served or the swapper lets go of guest RAM.
+fn read_first_page_on_thread(ram: &GuestRam) -> JoinHandle<()> {
+    let r2 = ram.clone();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; PAGE];
+        r2.memory()
+            .read_slice(&mut buf, GuestAddress(0))
+            .expect("read");
+    })
+}
+
 #[test]
 fn an_unreadable_swap_file_fails_the_swapper_loudly() {
     let ram = ram(&[(0, 1 << 20)]);
@@ -673,13 +685,7 @@ fn an_unreadable_swap_file_fails_the_swapper_loudly() {
     s.swap_out(1 << 20).expect("swap out");
     backing.fail_reads.store(true, Ordering::SeqCst);
 
-    let r2 = ram.clone();
-    let blocked = std::thread::spawn(move || {
-        let mut buf = vec![0u8; PAGE];
-        r2.memory()
-            .read_slice(&mut buf, GuestAddress(0))
-            .expect("read");
-    });
+    let blocked = read_first_page_on_thread(&ram);
 
     let failure = rx.recv_timeout(Duration::from_secs(10)).expect("told");
     assert!(
@@ -706,13 +712,7 @@ fn a_dead_fault_thread_is_detected_and_reported() {
     s.swap_out(1 << 20).expect("swap out");
     backing.panic_reads.store(true, Ordering::SeqCst);
 
-    let r2 = ram.clone();
-    let blocked = std::thread::spawn(move || {
-        let mut buf = vec![0u8; PAGE];
-        r2.memory()
-            .read_slice(&mut buf, GuestAddress(0))
-            .expect("read");
-    });
+    let blocked = read_first_page_on_thread(&ram);
 
     let failure = rx.recv_timeout(Duration::from_secs(10)).expect("told");
     assert!(failure.reason.contains("panicked"), "{}", failure.reason);
