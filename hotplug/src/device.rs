@@ -25,8 +25,8 @@ use crate::bitmap::{BlockBitmap, RangeState};
 use crate::metrics::VirtioMemMetrics;
 use crate::sys;
 use crate::util::{
-    parse_request, place_region, request_blocks, slots_of, Request, Response, REQUEST_SIZE,
-    RESPONSE_SIZE, STATE_MIXED, STATE_PLUGGED, STATE_UNPLUGGED,
+    parse_request, place_region, request_blocks, slots_of, Request, Response, MMIO_HOLE_END,
+    MMIO_HOLE_START, REQUEST_SIZE, RESPONSE_SIZE, STATE_MIXED, STATE_PLUGGED, STATE_UNPLUGGED,
 };
 
 /// Size of the guest-request queue (Linux has one request in flight at a time).
@@ -80,9 +80,18 @@ impl VirtioMemConfig {
     }
 
     /// This configuration with `region_addr` chosen by [`place_region`] for guest RAM `ram`
-    /// ((start, size) ranges), unless it is already set.
+    /// ((start, size) ranges), unless it is already set; a region address given by the user
+    /// must not overlap RAM or the 3–4 GiB MMIO hole.
     pub fn placed(self, ram: &[(u64, u64)]) -> Result<Self, VirtioMemError> {
-        if self.region_addr.is_some() {
+        if let Some(addr) = self.region_addr {
+            let size = self.region_size.bytes();
+            let end = addr.saturating_add(size);
+            let overlaps = |start: u64, len: u64| addr < start.saturating_add(len) && start < end;
+            if ram.iter().any(|&(start, len)| overlaps(start, len))
+                || overlaps(MMIO_HOLE_START, MMIO_HOLE_END - MMIO_HOLE_START)
+            {
+                return Err(VirtioMemError::RegionOverlaps { addr, size });
+            }
             return Ok(self);
         }
         Ok(VirtioMemConfig {
@@ -164,6 +173,14 @@ pub enum VirtioMemError {
     NoRoomForRegion {
         /// Region size.
         region_size: u64,
+    },
+    /// A user-given region address overlaps guest RAM or the MMIO hole.
+    #[error("the hotplug region {addr:#x}+{size:#x} overlaps guest RAM or the 3-4 GiB MMIO hole")]
+    RegionOverlaps {
+        /// Region address.
+        addr: u64,
+        /// Region size.
+        size: u64,
     },
     /// Mapping the region's host memory failed.
     #[error("cannot map the hotplug region")]

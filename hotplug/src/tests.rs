@@ -1014,12 +1014,36 @@ fn placed_config_goes_above_ram() {
         .placed(&[(0, 3 << 30), (4 << 30, 1 << 30)])
         .expect("placed");
     assert_eq!(c.region_addr, Some(5 << 30));
-    let fixed = config().placed(&[(0, 8 << 30)]).expect("kept");
+    let fixed = config().placed(&[(0, 1 << 30)]).expect("kept");
     assert_eq!(
         fixed.region_addr,
         Some(REGION),
         "an explicit address is kept"
     );
+}
+
+#[test]
+fn an_explicit_region_overlapping_ram_or_the_mmio_hole_is_refused() {
+    for ram in [
+        &[(0u64, 8u64 << 30)][..],
+        &[(0, 1 << 30), (REGION + MIB, 1 << 30)][..],
+    ] {
+        assert!(
+            matches!(
+                config().placed(ram),
+                Err(VirtioMemError::RegionOverlaps { .. })
+            ),
+            "{ram:?}"
+        );
+    }
+    let in_hole = VirtioMemConfig {
+        region_addr: Some(0xc000_0000 - 128 * MIB),
+        ..VirtioMemConfig::new(256 * MIB)
+    };
+    assert!(matches!(
+        in_hole.placed(&[(0, 1 << 30)]),
+        Err(VirtioMemError::RegionOverlaps { .. })
+    ));
 }
 
 devices::virtio_device_conformance_tests!(device(FakeMemslots::default()));

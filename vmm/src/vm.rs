@@ -99,16 +99,6 @@ pub enum VmError {
     PauseTimeout(Duration),
 }
 
-/// The swapper's values that are levels, not counts.
-const SWAP_GAUGES: &[&str] = &[
-    "swap_state",
-    "swap_swapped_pages",
-    "swap_zero_pages",
-    "swap_file_size_bytes",
-    "swap_fault_latency_p50_us",
-    "swap_fault_latency_p99_us",
-];
-
 /// First legacy IRQ handed to virtio-mmio devices (IRQ 4 is COM1).
 const VIRTIO_IRQ_BASE: u32 = 5;
 /// Last IOAPIC pin usable by a virtio-mmio device.
@@ -748,7 +738,9 @@ impl Vm {
         }
         let swap = self.swap.metrics();
         if !swap.is_empty() {
-            text.device_values(&self.id, "swap", &swap, |n| SWAP_GAUGES.contains(&n));
+            text.device_values(&self.id, "swap", &swap, |n| {
+                memory::swap::GAUGE_METRICS.contains(&n)
+            });
         }
         text.finish()
     }

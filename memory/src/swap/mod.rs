@@ -196,6 +196,16 @@ pub struct SwapStatus {
     pub transitions: Vec<Transition>,
 }
 
+/// The names in [`Swapper::metrics`] that are levels (gauges), not counts.
+pub const GAUGE_METRICS: &[&str] = &[
+    "swap_state",
+    "swap_swapped_pages",
+    "swap_zero_pages",
+    "swap_file_size_bytes",
+    "swap_fault_latency_p50_us",
+    "swap_fault_latency_p99_us",
+];
+
 // Page table entries: a slot number, or one of these.
 const IN_RAM: u32 = u32::MAX;
 const ZERO: u32 = u32::MAX - 1;
@@ -1142,7 +1152,8 @@ impl Swapper {
         }
     }
 
-    /// The status as `(name, value)` pairs for `GET /metrics` (the VMM adds the VM label).
+    /// The status as `(name, value)` pairs for `GET /metrics` (the VMM adds the VM label); the
+    /// names in [`GAUGE_METRICS`] are levels, the others counts.
     pub fn metrics(&self) -> Vec<(&'static str, u64)> {
         let s = self.status();
         vec![
