@@ -9,8 +9,10 @@
 pub mod ksm;
 pub mod ram;
 pub mod sharing;
+pub mod signals;
 pub mod size;
 pub mod swap;
 
 pub use ram::{DiscardRam, GuestRam, RamError, RamRange, PAGE_SIZE};
+pub use signals::{VmMemorySignals, VmPolicy};
 pub use size::{parse_size, ByteSize, SizeError};
