@@ -6,6 +6,7 @@
 //! scheduler that moves memory between VMs live here too, as their issues land. The crate knows
 //! nothing about KVM: an action that needs KVM goes through a small trait implemented in `vmm`.
 
+pub mod classes;
 pub mod ksm;
 pub mod ram;
 pub mod sharing;
