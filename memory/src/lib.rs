@@ -9,6 +9,7 @@
 pub mod classes;
 pub mod ksm;
 pub mod ram;
+pub mod scheduler;
 pub mod sharing;
 pub mod signals;
 pub mod size;
