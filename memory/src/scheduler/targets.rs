@@ -140,7 +140,7 @@ mod tests {
     fn a_pressed_vm_keeps_its_idle_memory_while_others_have_some() {
         let mut pressed = claim(1024, 0, 200);
         pressed.pressed = true;
-        let t = allocate(&[pressed, claim(1024, 0, 700)], 1648, 4.0);
+        let t = allocate(&[pressed, claim(1024, 0, 500)], 1648, 4.0);
         assert_eq!(t[0], 1024, "{t:?}");
     }
 
