@@ -1,0 +1,72 @@
+//! `bench/overcommit`: the simulator's scenarios under four policies side by side (memvisor's,
+//! balloon only, swap only, static), with the figures of docs/BENCHMARKS.md. The model and what
+//! it leaves out: `memory::scheduler::sim` and docs/scheduler.md.
+//!
+//! Optional argument: a scenario name (`mixed`, `four-vms`, `phase-shift`, `no-balloon`,
+//! `identical`, `steady`) to run only that one.
+
+use memory::scheduler::sim::{run, RunPolicy, Scenario};
+
+fn main() {
+    let only: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let scenarios = [
+        Scenario::mixed(),
+        Scenario::four_vms(),
+        Scenario::phase_shift(),
+        Scenario::no_balloon(),
+        Scenario::identical(),
+        Scenario::steady(),
+    ];
+    let policies = [
+        ("memvisor", RunPolicy::memvisor()),
+        ("balloon-only", RunPolicy::balloon_only()),
+        ("swap-only", RunPolicy::swap_only()),
+        ("static", RunPolicy::Static),
+    ];
+    for s in scenarios
+        .iter()
+        .filter(|s| only.as_deref().is_none_or(|o| o == s.name))
+    {
+        println!(
+            "\n{}: {} VMs, {} MiB of guests on a {} MiB budget ({:.2}x), {} ticks of 1 s",
+            s.name,
+            s.guests.len(),
+            s.guests
+                .iter()
+                .map(|g| g.boot_mib + g.plugged_mib)
+                .sum::<u64>(),
+            s.memory_budget_mib,
+            s.overcommit(),
+            s.ticks
+        );
+        println!(
+            "{:<13} {:>10} {:>9} {:>9} {:>5} {:>9} {:>13} {:>11}",
+            "policy",
+            "overcommit",
+            "slowdown",
+            "worst VM",
+            "OOMs",
+            "decisions",
+            "within budget",
+            "peak MiB"
+        );
+        for (name, p) in &policies {
+            let r = run(s, p);
+            let within = r
+                .ticks_to_budget
+                .map_or("never".to_string(), |t| format!("tick {t}"));
+            println!(
+                "{:<13} {:>9.2}x {:>8.1}% {:>8.1}% {:>5} {:>9} {:>13} {:>11}",
+                name,
+                r.overcommit,
+                100.0 * r.slowdown,
+                100.0 * r.worst_vm_slowdown,
+                r.ooms,
+                r.decisions,
+                within,
+                r.peak_charged_mib
+            );
+            assert_eq!(r.target_violations + r.floor_violations, 0, "{name}: {r:?}");
+        }
+    }
+}
