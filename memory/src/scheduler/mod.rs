@@ -397,6 +397,8 @@ struct Eval {
     want_mib: u64,
     floor_mib: u64,
     pressed: bool,
+    /// Pressed by the guest's own paging (not by hypervisor swap faults).
+    guest_paging: bool,
     guest_swapped_mib: u64,
     giveable_mib: Option<u64>,
     mean_count: f64,
@@ -750,11 +752,9 @@ fn evaluate(policy: &Policy, vm: &VmView, memo: &mut VmMemo, now: u64) -> Eval {
         stalls_rose = cur.alloc_stalls > prev.alloc_stalls;
     }
     let m = &policy.pressure;
-    let pressed = major_ps >= m.major_faults_per_s
-        || swap_in_kps >= m.swap_in_kib_per_s
-        || host_faults_ps >= m.host_swap_faults_per_s
-        || oom_rose
-        || stalls_rose;
+    let guest_paging = major_ps >= m.major_faults_per_s || swap_in_kps >= m.swap_in_kib_per_s;
+    let pressed =
+        guest_paging || host_faults_ps >= m.host_swap_faults_per_s || oom_rose || stalls_rose;
     values.insert("major_faults_per_s".into(), major_ps);
     values.insert("swap_in_kib_per_s".into(), swap_in_kps);
     values.insert("host_swap_faults_per_s".into(), host_faults_ps);
@@ -834,6 +834,7 @@ fn evaluate(policy: &Policy, vm: &VmView, memo: &mut VmMemo, now: u64) -> Eval {
         want_mib: want,
         floor_mib: floor,
         pressed,
+        guest_paging: guest_paging || oom_rose,
         guest_swapped_mib,
         giveable_mib,
         mean_count,
@@ -853,7 +854,10 @@ fn page_out(
 ) -> Option<Candidate> {
     let b = vm.signals.balloon.as_ref()?;
     let grew_at = memo.balloon_grew_at_ms?;
-    if !e.pressed || now.saturating_sub(grew_at) > policy.page_out_window_ms || b.target_mib == 0 {
+    if !e.guest_paging
+        || now.saturating_sub(grew_at) > policy.page_out_window_ms
+        || b.target_mib == 0
+    {
         return None;
     }
     let deflating = memo
@@ -1082,35 +1086,36 @@ fn shrink(
         }
     }
     // 2. The balloon, while the guest has free or cache pages to give (in the hard and low
-    //    states, beyond: the guest picks its victims better than the host would).
-    if excess > 0 {
-        if let Some(b) = s.balloon.as_ref() {
-            if usable(policy, vm, memo, Tool::Balloon) {
-                let giveable = match e.giveable_mib {
-                    Some(g) if host_state < HostState::Hard => g,
-                    _ => u64::MAX,
-                };
-                let room = s.boot_mib.saturating_sub(b.target_mib);
-                let amount = excess
-                    .min(giveable)
-                    .min(room)
-                    .min(policy.rate_limits.balloon_mib);
-                if amount > 0 {
-                    let to = b.target_mib + amount;
-                    let mut v = e.values.clone();
-                    if giveable != u64::MAX {
-                        v.insert("giveable_mib".into(), giveable as f64);
-                    }
-                    plan.push((
-                        Tool::Balloon,
-                        DecisionAction::SetBalloon { target_mib: to },
-                        b.target_mib,
-                        to,
-                        v,
-                    ));
-                    excess -= amount;
+    //    states, down to the working-set estimate: the guest picks its victims better than
+    //    the host would). What the balloon will give over the next ticks is not swapped.
+    let balloon_failed = memo.failed_until_ms.contains_key(&Tool::Balloon);
+    if let Some(b) = s.balloon.as_ref().filter(|_| excess > 0) {
+        if policy.tools.balloon && vm.tools.balloon && !balloon_failed {
+            let above_ws = e.planned_mib.saturating_sub(e.ws_mib);
+            let giveable = match e.giveable_mib {
+                Some(g) if host_state < HostState::Hard => g,
+                Some(g) => g.max(above_ws),
+                None => u64::MAX,
+            };
+            let will_give = excess
+                .min(giveable)
+                .min(s.boot_mib.saturating_sub(b.target_mib));
+            let amount = will_give.min(policy.rate_limits.balloon_mib);
+            if amount > 0 && usable(policy, vm, memo, Tool::Balloon) {
+                let to = b.target_mib + amount;
+                let mut v = e.values.clone();
+                if giveable != u64::MAX {
+                    v.insert("giveable_mib".into(), giveable as f64);
                 }
+                plan.push((
+                    Tool::Balloon,
+                    DecisionAction::SetBalloon { target_mib: to },
+                    b.target_mib,
+                    to,
+                    v,
+                ));
             }
+            excess -= will_give;
         }
     }
     // 3. Any plugged memory, block by block.
@@ -1129,7 +1134,6 @@ fn shrink(
     // 4. Hypervisor swap, only when the guest cannot give fast enough: no balloon, the
     //    balloon missed its deadline, or the host is hard or low. Oldest (cold) pages first.
     let has_balloon = policy.tools.balloon && vm.tools.balloon && s.balloon.is_some();
-    let balloon_failed = memo.failed_until_ms.contains_key(&Tool::Balloon);
     let swap_ok = !has_balloon || balloon_failed || host_state >= HostState::Hard;
     if excess > 0 && swap_ok && usable(policy, vm, memo, Tool::Swap) {
         let swapped = s.swap.as_ref().map_or(0, |w| w.swapped_pages / 256);

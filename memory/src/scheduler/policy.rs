@@ -116,9 +116,9 @@ pub struct PressureMarks {
 impl Default for PressureMarks {
     fn default() -> Self {
         PressureMarks {
-            major_faults_per_s: 100.0,
+            major_faults_per_s: 200.0,
             swap_in_kib_per_s: 1024.0,
-            host_swap_faults_per_s: 100.0,
+            host_swap_faults_per_s: 400.0,
         }
     }
 }

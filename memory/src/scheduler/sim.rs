@@ -268,6 +268,7 @@ pub struct SimVm {
     pub cache_mib: f64,
     /// Guest memory the host has backed at some point (and not taken back).
     pub touched_mib: f64,
+    used_mib: f64,
     /// Merging on.
     pub merging: bool,
     /// Identical pages merged.
@@ -403,18 +404,18 @@ impl SimVm {
         }
         let free = (visible - self.anon_in_ram_mib - self.cache_mib).max(0.0);
 
-        // Host side: touched memory, swap, merging.
-        self.touched_mib = self
-            .touched_mib
-            .max(self.anon_in_ram_mib + self.cache_mib)
-            .min(visible);
-        let [hs_free, hs_cache, hs_cold, hs_hot] = &mut self.host_swapped;
+        // Host side: touched memory, swap, merging. Pages the balloon or an unplug took are
+        // dropped from swap without a fault (the swapper forgets discarded ranges).
+        let used_before = self.used_mib;
+        self.used_mib = self.anon_in_ram_mib + self.cache_mib;
+        self.touched_mib = self.touched_mib.max(self.used_mib).min(visible);
         let hot_in_ram = (self.anon_in_ram_mib - spec.cold_anon_mib as f64)
             .max(0.0)
             .min(hot);
         let cold_in_ram = self.anon_in_ram_mib - hot_in_ram;
-        let touched_free = (self.touched_mib - self.anon_in_ram_mib - self.cache_mib).max(0.0);
-        // Keep each bucket within what the guest has in that use now (the rest moved to free).
+        let touched_free = (self.touched_mib - self.used_mib).max(0.0);
+        let [hs_free, hs_cache, hs_cold, hs_hot] = &mut self.host_swapped;
+        // Keep each bucket within what the guest has in that use now (the rest became free).
         for (b, cap) in [
             (&mut *hs_hot, hot_in_ram),
             (&mut *hs_cold, cold_in_ram),
@@ -426,7 +427,8 @@ impl SimVm {
             }
         }
         *hs_free = hs_free.min(touched_free).max(0.0);
-        // Faults: hot pages every tick, the hot part of the cache when re-read, cold rarely.
+        // Faults: hot pages every tick, the hot part of the cache when re-read, cold rarely,
+        // and free pages the guest writes as its use grows.
         let hot_cache_share = if self.cache_mib > 0.0 {
             (spec.hot_cache_mib as f64 / self.cache_mib).min(1.0)
         } else {
@@ -435,8 +437,12 @@ impl SimVm {
         let fault_hot = *hs_hot;
         let fault_cache = *hs_cache * hot_cache_share * p.cache_reread;
         let fault_cold = *hs_cold * p.cold_touch;
-        // The guest allocating into free pages the host swapped writes them: they come back.
-        let fault_free = (*hs_free - (free.min(touched_free))).max(0.0);
+        let growth = (self.used_mib - used_before).max(0.0);
+        let fault_free = if touched_free > 0.0 {
+            (*hs_free * growth / (touched_free + growth)).min(*hs_free)
+        } else {
+            *hs_free
+        };
         *hs_hot -= fault_hot;
         *hs_cache -= fault_cache;
         *hs_cold -= fault_cold;
@@ -630,6 +636,7 @@ impl Sim {
         vm.anon_in_ram_mib = (s.trace.at(self.tick) as f64 + s.cold_anon_mib as f64).min(visible);
         vm.cache_mib = (s.cache_mib as f64).min(visible - vm.anon_in_ram_mib);
         vm.touched_mib = vm.anon_in_ram_mib + vm.cache_mib;
+        vm.used_mib = vm.touched_mib;
         self.vms.push(vm);
     }
 
