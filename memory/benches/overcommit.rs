@@ -56,7 +56,7 @@ fn main() {
                 .ticks_to_budget
                 .map_or("never".to_string(), |t| format!("tick {t}"));
             println!(
-                "{:<13} {:>9.2}x {:>8.1}% {:>8.1}% {:>5} {:>9} {:>13} {:>11}",
+                "{:<13} {:>9.2}x {:>8.2}% {:>8.2}% {:>5} {:>9} {:>13} {:>14} {:>9}",
                 name,
                 r.overcommit,
                 100.0 * r.slowdown,
@@ -64,6 +64,7 @@ fn main() {
                 r.ooms,
                 r.decisions,
                 within,
+                format!("{} ({})", r.ticks_over_budget, r.longest_over_budget),
                 r.peak_charged_mib
             );
             assert_eq!(r.target_violations + r.floor_violations, 0, "{name}: {r:?}");

@@ -123,8 +123,8 @@ pub fn plan_admission(
             decisions: shrink_plan(policy, view, &capacities, need),
         };
     }
-    let start = new.floor_mib().max(1);
-    if start < boot_mib && start <= free + reclaimable && new.max_mib >= boot_mib {
+    let start = new.floor_mib();
+    if start > 0 && start < boot_mib && start <= free + reclaimable && new.max_mib >= boot_mib {
         let need = start.saturating_sub(free);
         return AdmissionPlan::StartAtReservation {
             start_mib: start,
@@ -133,7 +133,11 @@ pub fn plan_admission(
             decisions: shrink_plan(policy, view, &capacities, need),
         };
     }
-    let asked = start.min(boot_mib);
+    let asked = if start > 0 {
+        start.min(boot_mib)
+    } else {
+        boot_mib
+    };
     AdmissionPlan::Refuse(AdmissionRefusal::Memory {
         free_mib: free,
         reclaimable_mib: reclaimable,
@@ -192,6 +196,7 @@ fn shrink_plan(
                 shares: vm.policy.shares.max(1),
                 pressed: false,
                 mean_count: 1.0,
+                reclaim_cost: 1.0,
             }
         })
         .collect();

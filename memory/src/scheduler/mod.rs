@@ -455,6 +455,11 @@ pub fn decide(policy: &Policy, view: &HostView, state: &mut SchedulerState) -> V
             shares: vm.policy.shares.max(1),
             pressed: e.pressed,
             mean_count: e.mean_count,
+            reclaim_cost: if swap_only(policy, vm) {
+                policy.swap_only_cost
+            } else {
+                1.0
+            },
         })
         .collect();
     let targets = targets::allocate(&claims, pool_alloc, policy.idle_cost());
@@ -897,6 +902,18 @@ fn page_out(
             },
         },
     })
+}
+
+/// Whether hypervisor swap is the only way to take memory from the VM.
+fn swap_only(policy: &Policy, vm: &VmView) -> bool {
+    let balloon = policy.tools.balloon && vm.tools.balloon && vm.signals.balloon.is_some();
+    let hotplug = policy.tools.hotplug
+        && vm.tools.hotplug
+        && vm
+            .signals
+            .hotplug
+            .is_some_and(|h| h.driver_active && h.plugged_mib > 0);
+    !balloon && !hotplug
 }
 
 fn usable(policy: &Policy, vm: &VmView, memo: &VmMemo, tool: Tool) -> bool {

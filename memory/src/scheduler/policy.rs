@@ -183,6 +183,9 @@ pub struct Policy {
     pub merge_keep_mean_count: f64,
     /// How long a merge trial runs before the sharing metric is judged, ms.
     pub merge_trial_ms: u64,
+    /// How much dearer a MiB taken by hypervisor swap is than one the guest gives (weights
+    /// the targets of VMs that only swap can shrink), at least 1.
+    pub swap_only_cost: f64,
 }
 
 impl Default for Policy {
@@ -213,6 +216,7 @@ impl Default for Policy {
             unplug_lasting_ticks: 5,
             merge_keep_mean_count: 1.2,
             merge_trial_ms: 30_000,
+            swap_only_cost: 4.0,
         }
     }
 }
@@ -315,6 +319,12 @@ impl Policy {
                     "{} is below 1 (a mapped page has a count of 1)",
                     self.merge_keep_mean_count
                 ),
+            );
+        }
+        if !(self.swap_only_cost.is_finite() && self.swap_only_cost >= 1.0) {
+            return bad(
+                "swap_only_cost",
+                format!("{} is below 1", self.swap_only_cost),
             );
         }
         if self.balloon_deadline_ms < self.tick_ms {

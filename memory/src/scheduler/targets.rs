@@ -14,7 +14,10 @@
 //! the rest. With the default tax of 0.75 an idle MiB costs four active ones, so idle memory is
 //! taken first, from the VMs with the fewest shares per MiB. The ratio is multiplied by the
 //! VM's mean page-map count: a VM whose pages are mostly shared frees little host memory per
-//! MiB taken (VMware's sharing-count patent), so it is asked last.
+//! MiB taken (VMware's sharing-count patent), so it is asked last; and by the VM's reclaim
+//! cost: a VM that only hypervisor swap can shrink (no balloon, no plugged virtio-mem) pays in
+//! swap faults for every MiB taken, so it is asked after the VMs whose guests can give memory
+//! themselves (cheapest tool first, host-wide).
 //!
 //! Two passes: first only idle memory of VMs that are not under pressure (pressed VMs "get
 //! memory first", and nobody's working set is touched while someone else still holds idle
@@ -38,6 +41,9 @@ pub(crate) struct Claim {
     pub pressed: bool,
     /// Mean page-map count (1 when nothing is shared or nothing is known).
     pub mean_count: f64,
+    /// How much dearer taking a MiB from this VM is than ballooning (1: balloon or
+    /// virtio-mem; `swap_only_cost` when only hypervisor swap can take memory from it).
+    pub reclaim_cost: f64,
 }
 
 /// The targets for `claims` when the VMs together may have `pool_mib` (may be negative when
@@ -90,7 +96,7 @@ fn rho(c: &Claim, size_mib: u64, idle_cost: f64) -> f64 {
     let active = size_mib.min(c.working_set_mib) as f64;
     let idle = size_mib.saturating_sub(c.working_set_mib) as f64;
     let cost = (active + idle_cost * idle).max(1.0);
-    f64::from(c.shares) * c.mean_count.max(1.0) / cost
+    f64::from(c.shares) * c.mean_count.max(1.0) * c.reclaim_cost.max(1.0) / cost
 }
 
 #[cfg(test)]
@@ -106,6 +112,7 @@ mod tests {
             shares: 1000,
             pressed: false,
             mean_count: 1.0,
+            reclaim_cost: 1.0,
         }
     }
 
@@ -153,6 +160,14 @@ mod tests {
     }
 
     #[test]
+    fn a_vm_only_swap_can_shrink_is_asked_after_the_others() {
+        let mut bare = claim(1024, 0, 100);
+        bare.reclaim_cost = 4.0;
+        let t = allocate(&[bare, claim(1024, 0, 300)], 1648, 4.0);
+        assert_eq!(t, vec![1024, 624]);
+    }
+
+    #[test]
     fn floors_win_when_nothing_fits() {
         let t = allocate(&[claim(1024, 512, 900), claim(1024, 256, 900)], -100, 4.0);
         assert_eq!(t, vec![512, 256]);
@@ -167,7 +182,7 @@ mod tests {
         ) {
             let claims: Vec<Claim> = vms.iter().map(|&(natural, floor, ws, shares, pressed, mean)| Claim {
                 natural_mib: natural.max(floor), floor_mib: floor.min(natural.max(floor)),
-                working_set_mib: ws, shares, pressed, mean_count: mean,
+                working_set_mib: ws, shares, pressed, mean_count: mean, reclaim_cost: 1.0,
             }).collect();
             let t = allocate(&claims, pool, 4.0);
             for (c, &t) in claims.iter().zip(&t) {
