@@ -2,13 +2,17 @@
 //! balloon only, swap only, static), with the figures of docs/BENCHMARKS.md. The model and what
 //! it leaves out: `memory::scheduler::sim` and docs/scheduler.md.
 //!
-//! Optional argument: a scenario name (`mixed`, `four-vms`, `phase-shift`, `no-balloon`,
-//! `identical`, `steady`) to run only that one.
+//! Arguments: an optional scenario name (`mixed`, `four-vms`, `phase-shift`, `no-balloon`,
+//! `identical`, `steady`) to run only that one; `--trace` prints memvisor's run of it tick by
+//! tick (host state, each VM's charged memory, allocation, target and working set, and every
+//! decision with its rule).
 
-use memory::scheduler::sim::{run, RunPolicy, Scenario};
+use memory::scheduler::sim::{run, run_with, RunPolicy, Scenario};
 
 fn main() {
-    let only: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let only = args.iter().find(|a| !a.starts_with('-')).cloned();
+    let trace = args.iter().any(|a| a == "--trace");
     let scenarios = [
         Scenario::mixed(),
         Scenario::four_vms(),
@@ -17,6 +21,12 @@ fn main() {
         Scenario::identical(),
         Scenario::steady(),
     ];
+    if let Some(name) = &only {
+        if !scenarios.iter().any(|s| s.name == name) {
+            eprintln!("overcommit: no scenario named '{name}'");
+            std::process::exit(2);
+        }
+    }
     let policies = [
         ("memvisor", RunPolicy::memvisor()),
         ("balloon-only", RunPolicy::balloon_only()),
@@ -27,6 +37,10 @@ fn main() {
         .iter()
         .filter(|s| only.as_deref().is_none_or(|o| o == s.name))
     {
+        if trace {
+            print_trace(s);
+            continue;
+        }
         println!(
             "\n{}: {} VMs, {} MiB of guests on a {} MiB budget ({:.2}x), {} ticks of 1 s",
             s.name,
@@ -40,7 +54,7 @@ fn main() {
             s.ticks
         );
         println!(
-            "{:<13} {:>10} {:>9} {:>9} {:>5} {:>9} {:>13} {:>11}",
+            "{:<13} {:>10} {:>9} {:>9} {:>5} {:>9} {:>13} {:>14} {:>9}",
             "policy",
             "overcommit",
             "slowdown",
@@ -48,6 +62,7 @@ fn main() {
             "OOMs",
             "decisions",
             "within budget",
+            "over (max run)",
             "peak MiB"
         );
         for (name, p) in &policies {
@@ -70,4 +85,39 @@ fn main() {
             assert_eq!(r.target_violations + r.floor_violations, 0, "{name}: {r:?}");
         }
     }
+}
+
+fn print_trace(s: &Scenario) {
+    let r = run_with(s, &RunPolicy::memvisor(), |sim, state, decisions| {
+        let vms: Vec<String> = sim
+            .vms
+            .iter()
+            .map(|v| {
+                let id = &v.spec.as_ref().expect("spec").id;
+                let rep = state.vm(id).copied().unwrap_or_default();
+                format!(
+                    "{id}: charged {} alloc {} target {} ws {}{}",
+                    v.charged_mib(),
+                    rep.alloc_mib,
+                    rep.target_mib,
+                    rep.working_set_mib,
+                    if rep.pressed { " PRESSED" } else { "" }
+                )
+            })
+            .collect();
+        println!(
+            "tick {} {:?} charged {} | {}",
+            sim.tick,
+            state.host_state(),
+            sim.charged_mib(),
+            vms.join(" | ")
+        );
+        for d in decisions {
+            println!(
+                "    {} {:?} {} -> {} ({:?})",
+                d.vm, d.tool, d.from, d.to, d.reason.rule
+            );
+        }
+    });
+    println!("{r:?}");
 }

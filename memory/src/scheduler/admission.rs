@@ -225,9 +225,16 @@ fn shrink_plan(
                 },
             })
         };
+        // Guest memory the host never backed frees nothing when taken: the balloon must take
+        // it as well (the guest gives its untouched free pages first).
+        let swapped = s.swap.as_ref().map_or(0, |w| w.swapped_pages / 256);
+        let untouched = s
+            .guest_visible_mib()
+            .saturating_sub(swapped)
+            .saturating_sub(s.host.charged_mib);
         if policy.tools.balloon && vm.tools.balloon {
             if let Some(b) = &s.balloon {
-                let amount = take.min(s.boot_mib.saturating_sub(b.target_mib));
+                let amount = (take + untouched).min(s.boot_mib.saturating_sub(b.target_mib));
                 if amount > 0 {
                     let to = b.target_mib + amount;
                     push(
@@ -236,7 +243,7 @@ fn shrink_plan(
                         b.target_mib,
                         to,
                     );
-                    take -= amount;
+                    take = take.saturating_sub(amount.saturating_sub(untouched));
                 }
             }
         }
