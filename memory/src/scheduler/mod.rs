@@ -477,8 +477,7 @@ pub fn decide(policy: &Policy, view: &HostView, state: &mut SchedulerState) -> V
         .map(|(e, &t)| t - e.planned_mib)
         .sum();
     let reallocating = waiting > room;
-    let any_pressed = evals.iter().any(|e| e.pressed);
-    let calm = host_state <= HostState::Clear && !any_pressed;
+    let calm = host_state <= HostState::Clear;
     state.calm_ticks = if calm {
         state.calm_ticks.saturating_add(1)
     } else {
@@ -782,6 +781,7 @@ fn evaluate(policy: &Policy, vm: &VmView, memo: &mut VmMemo, now: u64) -> Eval {
             st.free_bytes,
         ))
     });
+    let mut known = true;
     let ws = if let Some((total, available, caches, _)) = guest {
         let used = total.saturating_sub(available) / MIB;
         used + ((caches / MIB) as f64 * policy.cache_in_working_set) as u64
@@ -795,6 +795,7 @@ fn evaluate(policy: &Policy, vm: &VmView, memo: &mut VmMemo, now: u64) -> Eval {
             tracked.saturating_sub(ages.pages_colder_than(policy.cold_after_samples as usize));
         (written / 256).min(alloc)
     } else {
+        known = false;
         alloc
     };
     let guest_swapped_mib = stats.map_or(0, |st| {
@@ -804,7 +805,8 @@ fn evaluate(policy: &Policy, vm: &VmView, memo: &mut VmMemo, now: u64) -> Eval {
             / MIB
     });
     let headroom = (ws * u64::from(policy.headroom_pct) / 100).max(policy.headroom_min_mib);
-    let mut want = ws + headroom;
+    // Nothing known: the VM wants what it has.
+    let mut want = if known { ws + headroom } else { alloc };
     if pressed {
         // A pressed guest also needs back what it paged out, and at least a step more.
         want = want

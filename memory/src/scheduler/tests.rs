@@ -698,3 +698,169 @@ proptest! {
         prop_assert_eq!(r.refused, 0, "{:?}", r);
     }
 }
+
+/// Runs `ticks` ticks of `sim` under `policy`, checking every tick; returns the decisions.
+fn drive(
+    policy: &Policy,
+    sim: &mut Sim,
+    state: &mut SchedulerState,
+    ticks: u64,
+) -> Vec<(u64, Decision)> {
+    let mut all = Vec::new();
+    for _ in 0..ticks {
+        let d = decide(policy, &sim.view(policy), state);
+        sim.apply(&d);
+        check_tick(policy, sim, &d);
+        all.extend(d.into_iter().map(|d| (sim.tick, d)));
+        sim.step();
+    }
+    all
+}
+
+#[test]
+fn virtio_mem_unplugs_a_large_lasting_shrink_and_a_refusal_is_noticed() {
+    let policy = Policy::on();
+    // Boot 256 MiB, 1 GiB plugged, little demand; no balloon so that unplug is the tool.
+    let mut g = GuestSpec::new("plugged", 256, Trace::Steady(100));
+    g.balloon = false;
+    g.region_mib = 1024;
+    g.plugged_mib = 1024;
+    g.cache_mib = 900;
+    g.policy.max_mib = 1280;
+    g.refuse_unplug_every = 2;
+    let mut sim = Sim::new(700, 32, vec![g]);
+    let mut state = SchedulerState::default();
+    let d = drive(&policy, &mut sim, &mut state, 80);
+    let unplugs: Vec<_> = d
+        .iter()
+        .filter(|(_, d)| {
+            d.tool == Tool::Hotplug && d.to < d.from && d.reason.rule != Rule::HotplugRefused
+        })
+        .collect();
+    assert!(!unplugs.is_empty(), "{d:?}");
+    let refused = d
+        .iter()
+        .find(|(_, d)| d.reason.rule == Rule::HotplugRefused);
+    let (at, _) = refused.expect("the refused unplug was noticed");
+    // Another tool (swap) was tried after the refusal.
+    assert!(
+        d.iter().any(|(t, d)| *t >= *at && d.tool == Tool::Swap),
+        "{d:?}"
+    );
+    assert!(sim.vm("plugged").plugged_mib < 1024);
+    assert!(sim.charged_mib() <= sim.memory_budget_mib);
+}
+
+#[test]
+fn a_pressed_vm_grows_above_its_boot_size_by_plugging() {
+    let policy = Policy::on();
+    let mut g = GuestSpec::new(
+        "grower",
+        512,
+        Trace::Growing {
+            from: 200,
+            to: 800,
+            over_ticks: 30,
+        },
+    );
+    g.region_mib = 1024;
+    g.policy.max_mib = 512 + 1024;
+    let mut sim = Sim::new(4096, 64, vec![g]);
+    let mut state = SchedulerState::default();
+    let d = drive(&policy, &mut sim, &mut state, 80);
+    let plugs: Vec<_> = d
+        .iter()
+        .filter(|(_, d)| d.tool == Tool::Hotplug && d.to > d.from)
+        .collect();
+    assert!(!plugs.is_empty(), "{d:?}");
+    // It grows with its working set, before its guest has to page out.
+    assert!(
+        plugs[0].0 > 0,
+        "nothing is known at the first tick: {plugs:?}"
+    );
+    let vm = sim.vm("grower");
+    assert!(vm.visible_mib() >= 800 + 32, "visible {}", vm.visible_mib());
+    assert!(
+        vm.guest_swapped_mib <= 32.0 + 1.0,
+        "guest still swapped {}",
+        vm.guest_swapped_mib
+    );
+}
+
+#[test]
+fn raising_the_budget_gives_memory_back_and_swaps_in_once_calm() {
+    let policy = Policy::on();
+    let mut bare = GuestSpec::new("bare", 1024, Trace::Steady(200));
+    bare.balloon = false;
+    let guests = vec![GuestSpec::new("ballooned", 1024, Trace::Steady(200)), bare];
+    let mut sim = Sim::new(650, 64, guests);
+    let mut state = SchedulerState::default();
+    drive(&policy, &mut sim, &mut state, 60);
+    assert!(sim.vm("ballooned").balloon_actual_mib > 0);
+    assert!(sim.vm("bare").host_swapped_mib() > 0.0);
+    sim.memory_budget_mib = 4096;
+    let d = drive(&policy, &mut sim, &mut state, 80);
+    assert_eq!(sim.vm("ballooned").balloon_actual_mib, 0, "{d:?}");
+    let swap_ins: Vec<_> = d
+        .iter()
+        .filter(|(_, d)| matches!(d.action, DecisionAction::SwapIn { .. }))
+        .collect();
+    assert!(!swap_ins.is_empty(), "{d:?}");
+    // Never while the host was short.
+    assert!(swap_ins.iter().all(|(t, _)| *t >= 60), "{swap_ins:?}");
+    assert!(sim.vm("bare").host_swapped_mib() < 1.0);
+}
+
+#[test]
+fn merging_that_does_not_pay_is_turned_off() {
+    let policy = Policy::on();
+    // Mergeable, but nothing in common with anyone.
+    let mut g = GuestSpec::new("unique", 1024, Trace::Steady(300));
+    g.merge = true;
+    let mut sim = Sim::new(600, 64, vec![g]);
+    let mut state = SchedulerState::default();
+    let d = drive(&policy, &mut sim, &mut state, 60);
+    let merges: Vec<_> = d.iter().filter(|(_, d)| d.tool == Tool::Merge).collect();
+    assert_eq!(merges.len(), 2, "{merges:?}");
+    assert_eq!(merges[0].1.action, DecisionAction::SetMerge { on: true });
+    assert_eq!(merges[1].1.action, DecisionAction::SetMerge { on: false });
+    assert_eq!(merges[1].1.reason.rule, Rule::MergeNotPaying);
+    assert!(merges[1].0 - merges[0].0 >= policy.merge_trial_ms / 1000);
+}
+
+#[test]
+fn a_large_lasting_shrink_moves_from_the_balloon_to_unplug() {
+    let mut policy = Policy::on();
+    policy.rate_limits.balloon_mib = 32;
+    // 1 GiB boot + 512 MiB plugged, a full cache, a small working set: the balloon could give
+    // it all, slowly; the shrink is large and lasts.
+    let mut g = GuestSpec::new("both", 1024, Trace::Steady(100));
+    g.region_mib = 1024;
+    g.plugged_mib = 512;
+    g.cache_mib = 900;
+    g.policy.max_mib = 2048;
+    let mut sim = Sim::new(700, 32, vec![g]);
+    let mut state = SchedulerState::default();
+    let d = drive(&policy, &mut sim, &mut state, 30);
+    let first_unplug = d
+        .iter()
+        .find(|(_, d)| d.tool == Tool::Hotplug)
+        .expect("an unplug");
+    assert!(
+        first_unplug.0 + 1 >= u64::from(policy.unplug_lasting_ticks),
+        "{first_unplug:?}"
+    );
+    assert!(
+        first_unplug.1.reason.values.contains_key("lasted_ticks"),
+        "{first_unplug:?}"
+    );
+    assert!(d
+        .iter()
+        .take_while(|(t, _)| *t < first_unplug.0)
+        .all(|(_, d)| d.tool == Tool::Balloon || d.tool == Tool::Merge));
+    assert!(
+        sim.vm("both").plugged_mib < 512,
+        "plugged {}",
+        sim.vm("both").plugged_mib
+    );
+}
