@@ -93,7 +93,7 @@ fn print_trace(s: &Scenario) {
             .vms
             .iter()
             .map(|v| {
-                let id = &v.spec.as_ref().expect("spec").id;
+                let id = &v.spec.id;
                 let rep = state.vm(id).copied().unwrap_or_default();
                 format!(
                     "{id}: charged {} alloc {} target {} ws {}{}",

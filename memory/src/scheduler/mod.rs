@@ -1054,6 +1054,9 @@ fn grow(
     }
 }
 
+/// A shrink step: tool, action, from, to, the values that fired it.
+type Planned = (Tool, DecisionAction, u64, u64, BTreeMap<String, f64>);
+
 /// Shrinking toward the target, cheapest tool first.
 #[allow(clippy::too_many_arguments)]
 fn shrink(
@@ -1087,7 +1090,7 @@ fn shrink(
             * block;
         (amount > 0).then(|| (h.requested_mib, h.requested_mib - amount, amount))
     };
-    let mut plan: Vec<(Tool, DecisionAction, u64, u64, BTreeMap<String, f64>)> = Vec::new();
+    let mut plan: Vec<Planned> = Vec::new();
     // 1. A large shrink that lasted: whole virtio-mem blocks.
     if lasting {
         if let Some((from, to, amount)) = unplug(excess) {

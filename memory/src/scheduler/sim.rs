@@ -240,10 +240,10 @@ impl Default for SimParams {
 }
 
 /// One simulated VM's state.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SimVm {
     /// Its description.
-    pub spec: Option<GuestSpec>,
+    pub spec: GuestSpec,
     /// Balloon target / actual.
     pub balloon_target_mib: u64,
     /// Balloon actual.
@@ -290,16 +290,38 @@ pub struct SimVm {
 impl SimVm {
     fn new(spec: GuestSpec) -> Self {
         SimVm {
-            plugged_mib: spec.plugged_mib,
+            balloon_target_mib: 0,
+            balloon_actual_mib: 0,
             requested_mib: spec.plugged_mib,
+            plugged_mib: spec.plugged_mib,
+            hotplug_wait: 0,
+            unplug_requests: 0,
+            unplug_refused: false,
+            swap_target_mib: None,
+            swap_armed: false,
+            host_swapped: [0.0; 4],
+            anon_in_ram_mib: 0.0,
+            guest_swapped_mib: 0.0,
+            cache_mib: 0.0,
+            touched_mib: 0.0,
+            used_mib: 0.0,
             merging: false,
-            spec: Some(spec),
-            ..Default::default()
+            merged_mib: 0.0,
+            saving_mib: 0.0,
+            stats: GuestMemStats::default(),
+            host_faults: 0,
+            stall_ms: 0.0,
+            oom_kills: 0,
+            page_outs: 0,
+            host_swap_faults: 0,
+            age_samples: 0,
+            spec,
         }
     }
 
-    fn spec(&self) -> &GuestSpec {
-        self.spec.as_ref().expect("a simulated VM has a spec")
+    /// Its description.
+    pub fn spec(&self) -> &GuestSpec {
+        &self.spec
     }
 
     /// Guest-visible memory.
@@ -562,7 +584,7 @@ impl SimVm {
                 fault_latency_p50_us: 50,
                 errors: 0,
             }),
-            sharing: spec.merge.then(|| SharingSignals {
+            sharing: spec.merge.then_some(SharingSignals {
                 pages_sampled: 4096,
                 pages_shared: shared_pages as u64,
                 pages_exclusive: (resident_pages - shared_pages) as u64,
@@ -990,7 +1012,7 @@ impl Scenario {
 #[derive(Clone, Debug)]
 pub enum RunPolicy {
     /// `decide` with this policy.
-    Scheduler(Policy),
+    Scheduler(Box<Policy>),
     /// Nothing is ever reclaimed.
     Static,
 }
@@ -998,7 +1020,7 @@ pub enum RunPolicy {
 impl RunPolicy {
     /// memvisor's policy: every tool.
     pub fn memvisor() -> Self {
-        RunPolicy::Scheduler(Policy::on())
+        RunPolicy::Scheduler(Box::new(Policy::on()))
     }
 
     /// The same rules with the balloon as the only tool.
@@ -1010,7 +1032,7 @@ impl RunPolicy {
             hotplug: false,
             swap: false,
         };
-        RunPolicy::Scheduler(p)
+        RunPolicy::Scheduler(Box::new(p))
     }
 
     /// The same rules with hypervisor swap as the only tool.
@@ -1022,7 +1044,7 @@ impl RunPolicy {
             hotplug: false,
             swap: true,
         };
-        RunPolicy::Scheduler(p)
+        RunPolicy::Scheduler(Box::new(p))
     }
 }
 

@@ -3,7 +3,7 @@
 
 use proptest::prelude::*;
 
-use super::sim::{run_with, GuestSpec, RunPolicy, Scenario, Sim, Trace};
+use super::sim::{self, run_with, GuestSpec, RunPolicy, Scenario, Sim, Trace};
 use super::*;
 use crate::signals::{BalloonSignals, GuestMemStats, HostSideSignals};
 
@@ -11,7 +11,7 @@ const MIB: u64 = 1 << 20;
 
 fn policy_of(run: &RunPolicy) -> Policy {
     match run {
-        RunPolicy::Scheduler(p) => p.clone(),
+        RunPolicy::Scheduler(p) => (**p).clone(),
         RunPolicy::Static => Policy::default(),
     }
 }
@@ -37,7 +37,7 @@ fn check_tick(policy: &Policy, sim: &Sim, decisions: &[Decision]) {
         assert!(moved <= limit, "{d:?} moves {moved} MiB, limit {limit}");
     }
     for vm in &sim.vms {
-        let spec = vm.spec.as_ref().expect("spec");
+        let spec = &vm.spec;
         assert!(
             vm.planned_mib() >= spec.policy.floor_mib().min(spec.boot_mib),
             "{} planned {} below its floor {}",
@@ -261,7 +261,7 @@ fn guest_page_out_after_inflation_deflates_and_remembers_a_floor() {
 
 #[test]
 fn decisions_serialise_as_the_host_records_them() {
-    let mut values = std::collections::BTreeMap::new();
+    let mut values = BTreeMap::new();
     values.insert("free_mib".to_string(), -12.0);
     let d = Decision {
         vm: "vm1".into(),
@@ -297,7 +297,7 @@ fn the_decision_budget_per_tick_is_kept() {
     let scenario = Scenario::four_vms();
     run_with(
         &scenario,
-        &RunPolicy::Scheduler(policy.clone()),
+        &RunPolicy::Scheduler(Box::new(policy.clone())),
         |sim, _, d| {
             check_tick(&policy, sim, d);
         },
@@ -360,7 +360,7 @@ fn c_a_vm_without_balloon_is_swapped_the_others_ballooned() {
     let scenario = Scenario::no_balloon();
     let run = RunPolicy::memvisor();
     let policy = policy_of(&run);
-    let mut tools: std::collections::BTreeMap<(String, Tool), u32> = Default::default();
+    let mut tools: BTreeMap<(String, Tool), u32> = BTreeMap::new();
     let r = run_with(&scenario, &run, |sim, _, d| {
         check_tick(&policy, sim, d);
         for d in d {
@@ -469,7 +469,7 @@ fn e_a_new_vm_is_admitted_by_shrinking_the_others() {
         assert!(ticks < 20, "the memory never came free");
     }
     for vm in &sim.vms {
-        let spec = vm.spec.as_ref().expect("spec");
+        let spec = &vm.spec;
         assert!(vm.visible_mib() >= spec.policy.floor_mib());
     }
     sim.add(newcomer);
@@ -600,8 +600,8 @@ fn the_mixed_scenario_reaches_twice_its_budget() {
     assert!(r.overcommit >= 2.0, "{r:?}");
     assert_eq!(r.ooms, 0, "{r:?}");
     assert!(r.slowdown <= 0.10, "{r:?}");
-    let balloon = super::sim::run(&scenario, &RunPolicy::balloon_only());
-    let swap = super::sim::run(&scenario, &RunPolicy::swap_only());
+    let balloon = sim::run(&scenario, &RunPolicy::balloon_only());
+    let swap = sim::run(&scenario, &RunPolicy::swap_only());
     assert!(
         r.slowdown < balloon.slowdown && r.slowdown < swap.slowdown,
         "{r:?} {balloon:?} {swap:?}"
@@ -686,7 +686,7 @@ proptest! {
         let r = run_with(&scenario, &run, |sim, state, d| {
             check_tick(&policy, sim, d);
             for vm in &sim.vms {
-                let spec = vm.spec.as_ref().expect("spec");
+                let spec = &vm.spec;
                 if let Some(rep) = state.vm(&spec.id) {
                     assert!(rep.target_mib >= spec.policy.floor_mib() && rep.target_mib <= spec.policy.max_mib, "{rep:?}");
                 }
