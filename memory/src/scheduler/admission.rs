@@ -250,12 +250,10 @@ fn shrink_plan(
         if take > 0 && policy.tools.hotplug && vm.tools.hotplug {
             if let Some(h) = &s.hotplug {
                 let block = (h.block_size_bytes >> 20).max(1);
-                let amount = take
-                    .div_ceil(block)
-                    .saturating_mul(block)
-                    .min(h.requested_mib);
+                // Whole blocks, rounding the level down: at least `take` goes.
+                let to = h.requested_mib.saturating_sub(take) / block * block;
+                let amount = h.requested_mib - to;
                 if amount > 0 {
-                    let to = h.requested_mib - amount;
                     push(
                         Tool::Hotplug,
                         DecisionAction::SetHotplug { requested_mib: to },

@@ -614,7 +614,8 @@ fn is_cancel(d: &Decision) -> bool {
 }
 
 /// Checks decisions in flight: done, or past their deadline (then cancelled, and the tool is
-/// not used on the VM for `retry_after_ms`).
+/// not used on the VM for `retry_after_ms`). A cancelled decision leaves `pending` when its
+/// cancellation is chosen.
 fn follow_up(policy: &Policy, vm: &VmView, memo: &mut VmMemo, now: u64, out: &mut Vec<Candidate>) {
     if let Some(f) = memo.floor {
         if now >= f.until_ms {
@@ -635,8 +636,11 @@ fn follow_up(policy: &Policy, vm: &VmView, memo: &mut VmMemo, now: u64, out: &mu
                 if b.target_mib != p.to || b.actual_mib.abs_diff(b.target_mib) <= 1 {
                     done.push(tool);
                 } else if elapsed >= policy.balloon_deadline_ms {
-                    done.push(tool);
-                    if b.actual_mib < b.target_mib {
+                    // A missed inflate stays pending until its cancellation is chosen (so a
+                    // cancellation cut by `decisions_per_tick` comes again next tick).
+                    if b.actual_mib >= b.target_mib {
+                        done.push(tool);
+                    } else {
                         memo.failed_until_ms
                             .insert(tool, now + policy.retry_after_ms);
                         out.push(cancel(
@@ -661,7 +665,6 @@ fn follow_up(policy: &Policy, vm: &VmView, memo: &mut VmMemo, now: u64, out: &mu
                 if h.requested_mib != p.to || h.plugged_mib == h.requested_mib {
                     done.push(tool);
                 } else if elapsed >= policy.hotplug_deadline_ms {
-                    done.push(tool);
                     memo.failed_until_ms
                         .insert(tool, now + policy.retry_after_ms);
                     out.push(cancel(
@@ -1030,12 +1033,11 @@ fn grow(
     if let Some(h) = s.hotplug.as_ref() {
         let block = (h.block_size_bytes / MIB).max(1);
         if need > 0 && h.requested_mib < h.region_mib && usable(policy, vm, memo, Tool::Hotplug) {
-            let amount = need
-                .min(policy.rate_limits.hotplug_mib.max(block))
-                .div_ceil(block)
-                * block;
-            let to = (h.requested_mib + amount).min(h.region_mib);
-            let amount = to - h.requested_mib;
+            // Whole blocks (rounding the level up), within the region.
+            let step = need.min(policy.rate_limits.hotplug_mib.max(block));
+            let to = ((h.requested_mib + step).div_ceil(block) * block)
+                .min(h.region_mib / block * block);
+            let amount = to.saturating_sub(h.requested_mib);
             // Whole blocks may overshoot the target a little, never the VM's max.
             if amount > 0 && e.planned_mib + amount <= vm.policy.max_mib {
                 out.push(candidate(
@@ -1083,12 +1085,10 @@ fn shrink(
             return None;
         }
         let block = (h.block_size_bytes / MIB).max(1);
-        let amount = excess
-            .min(policy.rate_limits.hotplug_mib.max(block))
-            .min(h.requested_mib)
-            / block
-            * block;
-        (amount > 0).then(|| (h.requested_mib, h.requested_mib - amount, amount))
+        // Whole blocks, never more than the excess (rounding the level up).
+        let step = excess.min(policy.rate_limits.hotplug_mib.max(block));
+        let to = h.requested_mib.saturating_sub(step).div_ceil(block) * block;
+        (to < h.requested_mib).then(|| (h.requested_mib, to, h.requested_mib - to))
     };
     let mut plan: Vec<Planned> = Vec::new();
     // 1. A large shrink that lasted: whole virtio-mem blocks.

@@ -864,3 +864,129 @@ fn a_large_lasting_shrink_moves_from_the_balloon_to_unplug() {
         sim.vm("both").plugged_mib
     );
 }
+
+prop_compose! {
+    fn any_vm(i: usize)(
+        boot in 0u64..4096,
+        balloon in proptest::option::of((0u64..4096, 0u64..4096, proptest::option::of((0u64..(4 << 30), 0u64..(4 << 30), 0u64..1_000_000, 0u64..(1 << 30))))),
+        hotplug in proptest::option::of((0u64..4096, prop_oneof![Just(0u64), Just(2u64 << 20), Just(128u64 << 20)], 0u64..4096, 0u64..4096, any::<bool>())),
+        swap in proptest::option::of((0u64..2_000_000, any::<bool>(), 0u64..1_000_000)),
+        sharing in proptest::option::of((0u64..5000, 0u64..5000, proptest::option::of(0.0f64..20.0))),
+        charged in 0u64..8192,
+        min in 0u64..4096, max in 0u64..8192, reservation in 0u64..4096, shares in 0u32..5000,
+        tools in (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()),
+        merging in any::<bool>(),
+    ) -> VmView {
+        VmView {
+            id: format!("vm{i}"),
+            policy: VmPolicy { min_mib: min, max_mib: max, reservation_mib: reservation, shares },
+            signals: VmMemorySignals {
+                sampled_at_ms: 0,
+                boot_mib: boot,
+                balloon: balloon.map(|(target, actual, stats)| BalloonSignals {
+                    target_mib: target,
+                    actual_mib: actual,
+                    stats: stats.map(|(free, cache, major, swap_in)| GuestMemStats {
+                        total_bytes: Some(boot * MIB),
+                        free_bytes: Some(free),
+                        available_bytes: Some(free + cache),
+                        caches_bytes: Some(cache),
+                        major_faults: Some(major),
+                        swap_in_bytes: Some(swap_in),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                hotplug: hotplug.map(|(region, block, plugged, requested, active)| crate::signals::HotplugSignals {
+                    region_mib: region,
+                    block_size_bytes: block,
+                    plugged_mib: plugged,
+                    requested_mib: requested,
+                    driver_active: active,
+                }),
+                swap: swap.map(|(pages, busy, faults)| crate::signals::SwapSignals {
+                    swapped_pages: pages,
+                    busy,
+                    faults,
+                    ..Default::default()
+                }),
+                sharing: sharing.map(|(shared, exclusive, mean)| crate::signals::SharingSignals {
+                    pages_shared: shared,
+                    pages_exclusive: exclusive,
+                    mean_count: mean,
+                    ..Default::default()
+                }),
+                ages: None,
+                host: HostSideSignals { resident_mib: charged, plugged_mib: 0, charged_mib: charged },
+            },
+            tools: VmTools { balloon: tools.0, hotplug: tools.1, swap: tools.2, merge: tools.3 },
+            merging,
+        }
+    }
+}
+
+fn any_view() -> impl Strategy<Value = HostView> {
+    (
+        0u64..20_000,
+        0u64..2000,
+        (any_vm(0), any_vm(1), any_vm(2), any_vm(3)),
+        1usize..5,
+    )
+        .prop_map(|(budget, min_free, (a, b, c, d), n)| HostView {
+            now_ms: 0,
+            memory_budget_mib: budget,
+            min_free_mib: min_free,
+            vms: [a, b, c, d].into_iter().take(n).collect(),
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+    /// Whatever the signals say, even inconsistent ones: no panic, and every decision is one
+    /// the VM's API would take — a tool the VM has, a level within the device's range, `from`
+    /// the level the signals show.
+    #[test]
+    fn decisions_are_well_formed_for_any_view(mut view in any_view(), rounds in 1u64..4) {
+        let policy = Policy::on();
+        let mut state = SchedulerState::default();
+        for round in 0..rounds {
+            view.now_ms = round * 20_000;
+            for vm in &mut view.vms {
+                vm.signals.sampled_at_ms = view.now_ms;
+            }
+            let decisions = decide(&policy, &view, &mut state);
+            prop_assert!(decisions.len() <= policy.decisions_per_tick as usize);
+            for d in &decisions {
+                let vm = view.vms.iter().find(|v| v.id == d.vm).expect("a VM of the view");
+                let s = &vm.signals;
+                match d.action {
+                    DecisionAction::SetBalloon { target_mib } => {
+                        let b = s.balloon.as_ref().expect("a balloon");
+                        prop_assert!(vm.tools.balloon);
+                        prop_assert_eq!(d.from, b.target_mib);
+                        prop_assert_eq!(d.to, target_mib);
+                        prop_assert!(target_mib <= s.boot_mib.max(b.target_mib), "{:?}", d);
+                    }
+                    DecisionAction::SetHotplug { requested_mib } => {
+                        let h = s.hotplug.expect("virtio-mem");
+                        prop_assert!(vm.tools.hotplug);
+                        prop_assert_eq!(d.from, h.requested_mib);
+                        let block = (h.block_size_bytes >> 20).max(1);
+                        prop_assert!(requested_mib <= h.region_mib.max(h.requested_mib), "{:?}", d);
+                        prop_assert!(requested_mib % block == 0 || requested_mib == h.plugged_mib, "{:?}", d);
+                    }
+                    DecisionAction::SwapOut { target_mib } | DecisionAction::SwapIn { target_mib } => {
+                        prop_assert!(vm.tools.swap);
+                        let swapped = s.swap.as_ref().map_or(0, |w| w.swapped_pages / 256);
+                        prop_assert_eq!(d.from, swapped);
+                        prop_assert!(target_mib <= s.boot_mib.max(swapped), "{:?}", d);
+                    }
+                    DecisionAction::SetMerge { on } => {
+                        prop_assert!(vm.tools.merge);
+                        prop_assert_eq!(on, !vm.merging);
+                    }
+                }
+            }
+        }
+    }
+}
