@@ -2,8 +2,10 @@
 //!
 //! This crate owns guest RAM ([`ram`]): anonymous private mappings that are handed to KVM as
 //! memslots by the `vmm` crate, and that stay usable with KSM (`MADV_MERGEABLE`), userfaultfd
-//! and `MADV_DONTNEED`. Page-sharing counts, per-VM swap, guest memory usage classes and the
-//! scheduler that moves memory between VMs live here too, as their issues land. The crate knows
+//! and `MADV_DONTNEED`. Page-sharing counts ([`sharing`], [`ksm`]), per-VM swap ([`swap`]),
+//! the typed memory signals ([`signals`]), guest memory usage classes ([`classes`]) and the
+//! scheduler that moves memory between VMs, with its simulator ([`scheduler`]), live here too.
+//! The crate knows
 //! nothing about KVM: an action that needs KVM goes through a small trait implemented in `vmm`.
 
 pub mod classes;
