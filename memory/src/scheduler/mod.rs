@@ -14,7 +14,7 @@
 //!    hypervisor swap faults, allocation stalls, OOM kills), the working-set estimate, what it
 //!    wants, and the progress of decisions still in flight (a balloon that missed its deadline,
 //!    an unplug the guest refused: cancelled, and the tool is not used on that VM for a while).
-//! 3. **Targets** in `[max(min, reservation, remembered floor), max]` ([`targets`]: shares with
+//! 3. **Targets** in `[max(min, reservation, remembered floor), max]` (the `targets` module: shares with
 //!    the idle-memory tax, pressed VMs first).
 //! 4. **Moves**, cheapest tool first, each within its per-tick rate limit: guest page-out after a
 //!    balloon grew deflates it and remembers a floor; growth (balloon deflate, virtio-mem plug,
