@@ -775,7 +775,15 @@ fn evaluate(policy: &Policy, vm: &VmView, memo: &mut VmMemo, now: u64) -> Eval {
     // Working set: the guest's own numbers when it sends them (used memory it cannot drop plus
     // the part of its cache it reclaims slowly); otherwise what KVM's dirty log saw written
     // lately; otherwise everything the VM has (nothing known to be idle).
-    let stats = s.balloon.as_ref().and_then(|b| b.stats);
+    // Statistics older than `stats_max_age_ms` say nothing about the guest now.
+    let stats = s
+        .balloon
+        .as_ref()
+        .filter(|b| {
+            b.stats_age_ms
+                .is_none_or(|age| age <= policy.stats_max_age_ms)
+        })
+        .and_then(|b| b.stats);
     let guest = stats.and_then(|st| {
         Some((
             st.total_bytes?,

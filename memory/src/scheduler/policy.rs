@@ -162,6 +162,9 @@ pub struct Policy {
     pub swap_in_when_calm: bool,
     /// Ticks of calm before swapping in.
     pub calm_ticks: u32,
+    /// Guest statistics older than this are ignored (working set, what the guest can give),
+    /// ms.
+    pub stats_max_age_ms: u64,
     /// Dirty-log samples a page must go unwritten to be cold (usage classes and the
     /// working-set estimate of VMs without guest statistics).
     pub cold_after_samples: u32,
@@ -207,6 +210,7 @@ impl Default for Policy {
             retry_after_ms: 60_000,
             swap_in_when_calm: true,
             calm_ticks: 10,
+            stats_max_age_ms: 10_000,
             cold_after_samples: 4,
             pressure: PressureMarks::default(),
             page_out_window_ms: 10_000,

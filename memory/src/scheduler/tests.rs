@@ -990,3 +990,35 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn stale_guest_statistics_are_ignored() {
+    let policy = Policy::on();
+    let mut vm = vm_view("a", 1024);
+    let b = vm.signals.balloon.as_mut().expect("balloon");
+    b.stats = Some(stats(800, 100, 1024, 0, 0));
+    b.stats_age_ms = Some(1000);
+    let mut view = HostView {
+        now_ms: 0,
+        memory_budget_mib: 4096,
+        min_free_mib: 64,
+        vms: vec![vm],
+    };
+    let mut state = SchedulerState::default();
+    decide(&policy, &view, &mut state);
+    // Fresh: used 1024 - 900 available = 124, plus half of the 100 MiB cache.
+    assert_eq!(state.vm("a").expect("report").working_set_mib, 174);
+    view.vms[0]
+        .signals
+        .balloon
+        .as_mut()
+        .expect("balloon")
+        .stats_age_ms = Some(policy.stats_max_age_ms + 1);
+    let mut state = SchedulerState::default();
+    decide(&policy, &view, &mut state);
+    assert_eq!(
+        state.vm("a").expect("report").working_set_mib,
+        1024,
+        "nothing known"
+    );
+}
