@@ -368,7 +368,7 @@ impl SimVm {
         }
         if self.requested_mib != self.plugged_mib && !self.unplug_refused {
             self.hotplug_wait += 1;
-            if self.hotplug_wait > p.hotplug_delay_ticks {
+            if self.hotplug_wait >= p.hotplug_delay_ticks {
                 self.hotplug_wait = 0;
                 if self.requested_mib > self.plugged_mib {
                     self.plugged_mib = self.requested_mib;
