@@ -275,7 +275,6 @@ pub struct SimVm {
     pub merged_mib: f64,
     saving_mib: f64,
     stats: GuestMemStats,
-    host_faults: u64,
     /// Stall time so far, ms.
     pub stall_ms: f64,
     /// OOM kills so far.
@@ -309,7 +308,6 @@ impl SimVm {
             merged_mib: 0.0,
             saving_mib: 0.0,
             stats: GuestMemStats::default(),
-            host_faults: 0,
             stall_ms: 0.0,
             oom_kills: 0,
             page_outs: 0,
@@ -521,7 +519,6 @@ impl SimVm {
         st.major_faults = Some(st.major_faults.unwrap_or(0) + major);
         st.swap_out_bytes = Some(st.swap_out_bytes.unwrap_or(0) + page_out_pages * 4096);
         self.page_outs += page_out_pages;
-        self.host_faults += host_faults;
         self.host_swap_faults += host_faults;
         let stall = (major - p.base_major_faults.min(major)) as f64 * p.guest_fault_ms
             + page_out_pages as f64 * p.page_out_ms
@@ -580,7 +577,7 @@ impl SimVm {
                 busy: self.swap_target_mib.is_some(),
                 target_mib: self.swap_target_mib.unwrap_or(0),
                 swapped_pages: (self.host_swapped_mib() * PAGES_PER_MIB).round() as u64,
-                faults: self.host_faults,
+                faults: self.host_swap_faults,
                 fault_latency_p50_us: 50,
                 errors: 0,
             }),
