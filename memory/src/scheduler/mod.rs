@@ -477,6 +477,10 @@ pub fn decide(policy: &Policy, view: &HostView, state: &mut SchedulerState) -> V
         .map(|(e, &t)| t - e.planned_mib)
         .sum();
     let reallocating = waiting > room;
+    let planned_sum: u64 = evals.iter().map(|e| e.planned_mib).sum();
+    let mut backed_room = pool - planned_sum as i64;
+    // Reallocation takes from the others only what the pressed VMs wait for.
+    let mut realloc_left = waiting.saturating_sub(room);
     let calm = host_state <= HostState::Clear;
     state.calm_ticks = if calm {
         state.calm_ticks.saturating_add(1)
@@ -523,13 +527,29 @@ pub fn decide(policy: &Policy, view: &HostView, state: &mut SchedulerState) -> V
             candidates.push(c);
             continue;
         }
-        if target > e.planned_mib + policy.deadband_mib && host_state != HostState::Low {
+        // Growth up to what the VM needs (its want) at any time. Beyond, up to the target
+        // (memory given back because the budget allows it), only once the host has been calm
+        // for `calm_ticks` and only as far as the budget could back every VM's planned size:
+        // memory given back is untouched at first, and counting it as free would hand out the
+        // same room again and again until the guests' caches fill it.
+        let need_to = target.min(e.want_mib);
+        let grow_to = if e.pressed {
+            target
+        } else if calm_enough && backed_room > 0 {
+            target.min(e.planned_mib + backed_room as u64).max(need_to)
+        } else {
+            need_to
+        };
+        if grow_to > e.planned_mib {
+            backed_room -= (grow_to - e.planned_mib) as i64;
+        }
+        if grow_to > e.planned_mib + policy.deadband_mib && host_state != HostState::Low {
             grow(
                 policy,
                 vm,
                 memo,
                 e,
-                target,
+                grow_to,
                 &mut room,
                 calm_enough,
                 &mut candidates,
@@ -538,23 +558,27 @@ pub fn decide(policy: &Policy, view: &HostView, state: &mut SchedulerState) -> V
             let above_max = e.planned_mib > vm.policy.max_mib;
             let allowed = host_state >= HostState::Soft || reallocating || above_max;
             if allowed {
-                let rule = if host_state >= HostState::Soft {
-                    Rule::ReclaimToTarget
+                let (rule, limit) = if host_state >= HostState::Soft {
+                    (Rule::ReclaimToTarget, u64::MAX)
                 } else if above_max {
-                    Rule::AboveMax
+                    (Rule::AboveMax, u64::MAX)
                 } else {
-                    Rule::Reallocate
+                    (Rule::Reallocate, realloc_left)
                 };
-                shrink(
+                let taken = shrink(
                     policy,
                     vm,
                     memo,
                     e,
                     target,
+                    limit,
                     host_state,
                     rule,
                     &mut candidates,
                 );
+                if rule == Rule::Reallocate {
+                    realloc_left = realloc_left.saturating_sub(taken);
+                }
             } else {
                 memo.large_shrink_ticks = 0;
             }
@@ -1067,7 +1091,8 @@ fn grow(
 /// A shrink step: tool, action, from, to, the values that fired it.
 type Planned = (Tool, DecisionAction, u64, u64, BTreeMap<String, f64>);
 
-/// Shrinking toward the target, cheapest tool first.
+/// Shrinking toward the target (by at most `limit_mib`), cheapest tool first; returns the MiB
+/// this tick's decisions take.
 #[allow(clippy::too_many_arguments)]
 fn shrink(
     policy: &Policy,
@@ -1075,12 +1100,13 @@ fn shrink(
     memo: &mut VmMemo,
     e: &Eval,
     target: u64,
+    limit_mib: u64,
     host_state: HostState,
     rule: Rule,
     out: &mut Vec<Candidate>,
-) {
+) -> u64 {
     let s = &vm.signals;
-    let mut excess = e.planned_mib - target;
+    let mut excess = (e.planned_mib - target).min(limit_mib);
     memo.large_shrink_ticks = if excess >= policy.unplug_min_mib {
         memo.large_shrink_ticks + 1
     } else {
@@ -1193,9 +1219,14 @@ fn shrink(
             ));
         }
     }
+    let taken = plan
+        .iter()
+        .map(|(_, _, from, to, _)| from.abs_diff(*to))
+        .sum();
     for (tool, action, from, to, values) in plan {
         out.push(candidate(vm, 3, tool, action, from, to, rule, values));
     }
+    taken
 }
 
 /// Page merging: tried in the clear state or worse (ESXi shares pages from its clear state
