@@ -318,8 +318,10 @@ fn a_four_vms_on_sixty_percent_get_within_budget_without_oom() {
     assert_eq!(r.target_violations + r.floor_violations, 0, "{r:?}");
     let within = r.ticks_to_budget.expect("within budget");
     assert!(within <= 10, "{r:?}");
-    // The spike at tick 120 pushes the host over; it is back within 10 ticks.
+    // The spike at tick 120 may push the host over; it is back within 10 ticks.
     assert!(r.longest_over_budget <= 10, "{r:?}");
+    // No churn: a few reclaim rounds, not a decision every tick.
+    assert!(r.decisions <= 60, "{r:?}");
     assert!(r.slowdown < 0.02, "{r:?}");
 }
 
