@@ -14,19 +14,21 @@
 //!    hypervisor swap faults, allocation stalls, OOM kills), the working-set estimate, what it
 //!    wants, and the progress of decisions still in flight (a balloon that missed its deadline,
 //!    an unplug the guest refused: cancelled, and the tool is not used on that VM for a while).
-//! 3. **Targets** in `[max(min, reservation, remembered floor), max]` (the `targets` module: shares with
-//!    the idle-memory tax, pressed VMs first).
+//! 3. **Targets** in `[max(min, reservation, remembered floor), max]` (the `targets` module:
+//!    shares with the idle-memory tax, pressed VMs first).
 //! 4. **Moves**, cheapest tool first, each within its per-tick rate limit: guest page-out after a
 //!    balloon grew deflates it and remembers a floor; growth (balloon deflate, virtio-mem plug,
-//!    swap-in once calm) within what the budget has free; shrinking (virtio-mem unplug for large
+//!    swap-in once calm) within what the budget has free, beyond a VM's need only once calm and
+//!    as far as the budget backs every VM's planned size; shrinking (virtio-mem unplug for large
 //!    lasting shrinks, balloon while the guest has free or cache pages, hypervisor swap only
 //!    without a balloon, after the balloon missed its deadline, or in the hard and low states);
 //!    page merging as a trial in the clear state, kept where the sharing metric shows it pays.
 //! 5. At most `decisions_per_tick`, most urgent first.
 //!
-//! Deadbands (`deadband_mib`), one decision in flight per tool and VM, and targets that depend
-//! on demand rather than on the VMs' current sizes keep decisions from oscillating when demand
-//! is steady.
+//! Deadbands (`deadband_mib`), one decision in flight per tool and VM, targets that depend on
+//! demand rather than on the VMs' current sizes, and give-back only when the budget backs it
+//! keep decisions from oscillating when demand is steady. docs/scheduler.md describes every
+//! rule with its source.
 
 pub mod admission;
 pub mod policy;
