@@ -7,12 +7,14 @@
 //! nothing about KVM: an action that needs KVM goes through a small trait implemented in `vmm`.
 
 pub mod ksm;
+pub mod metrics;
 pub mod ram;
 pub mod sharing;
 pub mod signals;
 pub mod size;
 pub mod swap;
 
+pub use metrics::{Metric, MetricKind, MetricValue};
 pub use ram::{DiscardRam, GuestRam, RamError, RamRange, PAGE_SIZE};
 pub use signals::{VmMemorySignals, VmPolicy};
 pub use size::{parse_size, ByteSize, SizeError};

@@ -250,8 +250,8 @@ impl VmSwap {
         v
     }
 
-    /// `(name, value)` pairs for `GET /metrics`, once armed.
-    pub fn metrics(&self) -> Vec<(&'static str, u64)> {
+    /// The swapper's metrics for `GET /metrics`, once armed (none before).
+    pub fn metrics(&self) -> Vec<memory::Metric> {
         self.swapper().map(|s| s.metrics()).unwrap_or_default()
     }
 

@@ -148,6 +148,16 @@ pub(crate) struct Devices {
 }
 
 impl Devices {
+    /// The balloon's metrics, if there is a balloon.
+    pub(crate) fn balloon_metrics(&self) -> Option<Vec<memory::Metric>> {
+        Some(self.balloon.as_ref()?.lock().ok()?.metrics().list())
+    }
+
+    /// The virtio-mem device's metrics, if there is one.
+    pub(crate) fn mem_metrics(&self) -> Option<Vec<memory::Metric>> {
+        Some(self.mem.as_ref()?.lock().ok()?.metrics().list())
+    }
+
     /// The virtio-mem region's memory, if there is a virtio-mem device.
     pub(crate) fn hotplug_ram(&self) -> Option<GuestRam> {
         Some(self.mem.as_ref()?.lock().ok()?.ram().clone())
@@ -307,11 +317,7 @@ impl Vm {
 
     /// Host memory resident for the guest: RAM and the hotplug region.
     fn resident_bytes(&self) -> u64 {
-        let region = self
-            .devices
-            .mem
-            .as_ref()
-            .and_then(|m| Some(m.lock().ok()?.ram().clone()));
+        let region = self.devices.hotplug_ram();
         let hp = region.map_or(0, |r| r.resident_bytes().unwrap_or(0));
         self.ram.resident_bytes().unwrap_or(0) + hp
     }
@@ -338,98 +344,30 @@ impl Vm {
         })
     }
 
-    /// Prometheus text of this VM's and the VMM's counters.
+    /// Prometheus text of this VM's and the VMM's metrics, each rendered as its owner
+    /// reports it.
     pub fn metrics_text(&self) -> String {
         let mut text = crate::metrics::PromText::new();
         text.vmm_resident();
         text.guest_ram_resident(&self.id, self.resident_bytes());
         text.exit_counters(&self.id, &self.shared.exits);
-        if let Some(st) = &self.last_sharing {
+        let vm = [("vm", self.id.as_str())];
+        if let Some(stats) = &self.last_sharing {
             // From the latest `GET /vms/{id}/sharing` sample (sampling has a cost, so a scrape
             // does not trigger one).
-            let labels = [("vm", self.id.as_str())];
-            let c = &st.counts;
-            for (name, help, value) in [
-                (
-                    "memvisor_sharing_pages_sampled",
-                    "Pages in the latest sharing sample.",
-                    Some(st.pages_sampled as f64),
-                ),
-                (
-                    "memvisor_sharing_pages_shared",
-                    "Sampled pages whose frame has 2+ mappings.",
-                    Some(st.pages_shared as f64),
-                ),
-                (
-                    "memvisor_sharing_count_arithmetic_mean",
-                    "Arithmetic mean of the map counts.",
-                    c.arithmetic_mean,
-                ),
-                (
-                    "memvisor_sharing_count_geometric_mean",
-                    "Geometric mean of the map counts.",
-                    c.geometric_mean,
-                ),
-                (
-                    "memvisor_sharing_count_harmonic_mean",
-                    "Harmonic mean of the map counts.",
-                    c.harmonic_mean,
-                ),
-                (
-                    "memvisor_sharing_count_median",
-                    "Median of the map counts.",
-                    c.median,
-                ),
-                (
-                    "memvisor_sharing_reclaimable_bytes",
-                    "Host bytes reclaiming the VM would free (estimate).",
-                    Some(st.reclaimable.bytes as f64),
-                ),
-            ] {
-                if let Some(v) = value {
-                    text.gauge(name, help, &labels, v);
-                }
-            }
+            text.metrics("memvisor_sharing_", &vm, &stats.metrics());
         }
         if let Ok(c) = memory::ksm::Ksm::open().and_then(|k| k.counters()) {
-            for (name, help, value) in [
-                (
-                    "memvisor_host_ksm_pages_shared",
-                    "KSM pages in use.",
-                    c.pages_shared,
-                ),
-                (
-                    "memvisor_host_ksm_pages_sharing",
-                    "Mappings sharing a KSM page beyond the first.",
-                    c.pages_sharing,
-                ),
-                (
-                    "memvisor_host_ksm_full_scans_total",
-                    "Completed KSM passes.",
-                    c.full_scans,
-                ),
-            ] {
-                text.gauge(name, help, &[], value as f64);
-            }
+            text.metrics("memvisor_host_ksm_", &[], &c.metrics());
         }
-        if let Some(balloon) = &self.devices.balloon {
-            let metrics = balloon.lock().map(|b| b.metrics()).ok();
-            if let Some(metrics) = metrics {
-                text.device_counters(&self.id, "balloon0", &metrics.values());
-            }
+        let device = |name| [("vm", self.id.as_str()), ("device", name)];
+        if let Some(metrics) = self.devices.balloon_metrics() {
+            text.metrics("memvisor_device_", &device("balloon0"), &metrics);
         }
-        if let Some(mem) = &self.devices.mem {
-            let metrics = mem.lock().map(|m| m.metrics()).ok();
-            if let Some(metrics) = metrics {
-                text.device_values(&self.id, "mem0", &metrics.values(), |n| n.ends_with("_max"));
-            }
+        if let Some(metrics) = self.devices.mem_metrics() {
+            text.metrics("memvisor_device_", &device("mem0"), &metrics);
         }
-        let swap = self.swap.metrics();
-        if !swap.is_empty() {
-            text.device_values(&self.id, "swap", &swap, |n| {
-                memory::swap::GAUGE_METRICS.contains(&n)
-            });
-        }
+        text.metrics("memvisor_device_", &device("swap"), &self.swap.metrics());
         text.finish()
     }
 

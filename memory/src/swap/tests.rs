@@ -9,7 +9,7 @@ use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
-use crate::{GuestRam, RamRange};
+use crate::{GuestRam, MetricKind, RamRange};
 
 const PAGE: usize = PAGE_SIZE as usize;
 
@@ -736,11 +736,29 @@ fn status_serializes_and_metrics_have_stable_names() {
     assert!(json["fault_latency_p99_us"].is_u64());
     assert_eq!(json["transitions"][0]["to"], "swapping_out");
     let m = s.metrics();
-    let get = |n: &str| m.iter().find(|(k, _)| *k == n).map(|(_, v)| *v);
-    assert_eq!(get("swap_swapped_pages"), Some(128));
-    assert_eq!(get("swap_state"), Some(SwapState::Active.code()));
-    assert_eq!(get("swap_bytes_written"), Some(128 * PAGE_SIZE));
-    assert!(m.iter().all(|(k, _)| k.starts_with("swap_")));
+    let get = |n: &str| m.iter().find(|m| m.name == n).copied();
+    let kind = |n: &str| get(n).map(|m| m.kind());
+    assert_eq!(get("swap_swapped_pages").map(|m| m.as_u64()), Some(128));
+    assert_eq!(
+        get("swap_state").map(|m| m.as_u64()),
+        Some(SwapState::Active.code())
+    );
+    assert_eq!(
+        get("swap_bytes_written").map(|m| m.as_u64()),
+        Some(128 * PAGE_SIZE)
+    );
+    assert!(m.iter().all(|m| m.name.starts_with("swap_")));
+    // Levels are gauges, counts are counters: the swapper says which.
+    for level in [
+        "swap_state",
+        "swap_swapped_pages",
+        "swap_fault_latency_p99_us",
+    ] {
+        assert_eq!(kind(level), Some(MetricKind::Gauge), "{level}");
+    }
+    for count in ["swap_faults_served", "swap_bytes_written", "swap_errors"] {
+        assert_eq!(kind(count), Some(MetricKind::Counter), "{count}");
+    }
 }
 
 #[test]
