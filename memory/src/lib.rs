@@ -6,6 +6,7 @@
 //! scheduler that moves memory between VMs live here too, as their issues land. The crate knows
 //! nothing about KVM: an action that needs KVM goes through a small trait implemented in `vmm`.
 
+pub mod discard;
 pub mod ksm;
 pub mod metrics;
 pub mod ram;
@@ -14,6 +15,7 @@ pub mod signals;
 pub mod size;
 pub mod swap;
 
+pub use discard::GuestDiscard;
 pub use metrics::{Metric, MetricKind, MetricValue};
 pub use ram::{DiscardRam, GuestRam, RamError, RamRange, PAGE_SIZE};
 pub use signals::{VmMemorySignals, VmPolicy};

@@ -19,7 +19,7 @@ use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use linux_loader::cmdline::Cmdline;
 use memory::ksm::{Ksm, KsmGuard, KsmRun, DEFAULT_PAGES_TO_SCAN, DEFAULT_SLEEP_MS};
-use memory::GuestRam;
+use memory::{GuestDiscard, GuestRam};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
@@ -28,7 +28,7 @@ use crate::boot::{self, BootError, LoadedKernel};
 use crate::compat::HostCompat;
 use crate::config::{host_memory_bytes, VmConfig};
 use crate::console::{ConsoleState, ConsoleTap};
-use crate::memslots::{map_ram, GuestDiscard, KvmMemslots};
+use crate::memslots::{map_ram, KvmMemslots};
 use crate::swap::VmSwap;
 use crate::vcpu::{Vcpu, VmExit, VmShared};
 use crate::vm::{DeviceError, Devices, Subscriber, Vm, VmError, VmIo};

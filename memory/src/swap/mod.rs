@@ -44,6 +44,10 @@ pub use state::{StateMachine, SwapState, Transition};
 
 use uffd::{Resolve, Uffd};
 
+/// A VM's swapper once armed (empty before), shared between its owner and whoever routes
+/// discards to it ([`crate::discard::GuestDiscard`]).
+pub type SwapperCell = Arc<std::sync::RwLock<Option<Arc<Swapper>>>>;
+
 /// Errors of the swap subsystem.
 #[derive(Debug, thiserror::Error)]
 pub enum SwapError {
