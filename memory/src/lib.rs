@@ -17,6 +17,6 @@ pub mod swap;
 
 pub use discard::GuestDiscard;
 pub use metrics::{Metric, MetricKind, MetricValue};
-pub use ram::{DiscardRam, GuestRam, RamError, RamRange, PAGE_SIZE};
+pub use ram::{DiscardRam, GuestRam, RamError, RamRange, HUGE_PAGE_SIZE, PAGE_SIZE};
 pub use signals::{VmMemorySignals, VmPolicy};
 pub use size::{parse_size, ByteSize, SizeError};

@@ -19,7 +19,7 @@ use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use linux_loader::cmdline::Cmdline;
 use memory::ksm::{Ksm, KsmGuard, KsmRun, DEFAULT_PAGES_TO_SCAN, DEFAULT_SLEEP_MS};
-use memory::{GuestDiscard, GuestRam};
+use memory::{GuestDiscard, GuestRam, RamRange};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
@@ -366,23 +366,24 @@ fn place_hotplug_region(
     ram: &GuestRam,
     phys_addr_bits: u32,
 ) -> Result<VirtioMemConfig, DeviceError> {
-    let ram_layout: Vec<(u64, u64)> = ram.ranges().iter().map(|r| (r.start.0, r.size)).collect();
-    let placed = config.placed(&ram_layout)?;
-    let end = placed
-        .region_addr
-        .unwrap_or(0)
-        .saturating_add(placed.region_size.bytes());
+    let size = config.region_size.bytes();
+    let addr = layout::hotplug_region_addr(ram.ranges(), config.region_addr, size)?;
+    let end = addr.saturating_add(size);
     if phys_addr_bits < 64 && end > 1u64 << phys_addr_bits {
         return Err(DeviceError::BeyondAddressWidth {
             end,
             bits: phys_addr_bits,
         });
     }
-    Ok(placed)
+    Ok(VirtioMemConfig {
+        region_addr: Some(addr),
+        ..config
+    })
 }
 
-/// Creates the virtio-mem device for the placed region, lets devices see the region's
-/// memory, and attaches the device to the MMIO bus and the event loop.
+/// Maps the placed hotplug region's memory, creates the virtio-mem device with it, lets
+/// devices see that memory next to guest RAM, and attaches the device to the MMIO bus and the
+/// event loop.
 fn attach_virtio_mem(
     placed: VirtioMemConfig,
     ram: &GuestRam,
@@ -390,30 +391,26 @@ fn attach_virtio_mem(
     mmio: &mut MmioDevices,
     events: &mut EventManager<Subscriber>,
 ) -> Result<Arc<Mutex<VirtioMem>>, VmError> {
+    let fail = |e: DeviceError| VmError::Device {
+        device: "virtio-mem",
+        source: e,
+    };
+    let addr = placed.region_addr.unwrap_or_default();
+    let size = placed.region_size.bytes();
+    let region = GuestRam::new(&[RamRange::new(addr, size)])
+        .map_err(|e| fail(DeviceError::RegionMemory(e)))?;
+    mmio.memory = ram
+        .joined(&region)
+        .map_err(|e| fail(DeviceError::JoinRegion(e)))?;
     let memslots = KvmMemslots::new(vm_fd.clone(), ram.ranges().len() as u32);
-    let device = VirtioMem::new(placed, Box::new(memslots)).map_err(device_err("virtio-mem"))?;
-    let region_ram = device.ram().clone();
-    for r in region_ram.ranges() {
-        let (_, region) = region_ram
-            .memory()
-            .remove_region(r.start, r.size)
-            .map_err(DeviceError::RegionMemory)
-            .map_err(device_err("virtio-mem"))?;
-        mmio.memory = mmio
-            .memory
-            .insert_region(region)
-            .map_err(DeviceError::RegionMemory)
-            .map_err(device_err("virtio-mem"))?;
-    }
+    let device = VirtioMem::new(placed, region, Box::new(memslots)).map_err(|e| fail(e.into()))?;
     tracing::info!(
-        "virtio-mem: {} MiB hotplug region at {:#x}, blocks of {} KiB",
-        placed.region_size.bytes() >> 20,
-        region_ram.ranges().first().map_or(0, |r| r.start.0),
+        "virtio-mem: {} MiB hotplug region at {addr:#x}, blocks of {} KiB",
+        size >> 20,
         placed.block_size.bytes() >> 10
     );
     let device = Arc::new(Mutex::new(device));
-    mmio.attach(device.clone(), vm_fd)
-        .map_err(device_err("virtio-mem"))?;
+    mmio.attach(device.clone(), vm_fd).map_err(fail)?;
     events.add_subscriber(device.clone());
     Ok(device)
 }
@@ -617,7 +614,7 @@ mod tests {
         assert!(
             matches!(
                 err,
-                DeviceError::VirtioMem(hotplug::VirtioMemError::RegionOverlaps { .. })
+                DeviceError::Placement(layout::PlacementError::Overlaps { addr: 0, .. })
             ),
             "{err}"
         );

@@ -132,9 +132,15 @@ pub enum DeviceError {
         /// The guest's physical address width.
         bits: u32,
     },
+    /// The hotplug region cannot go where it was asked to, or anywhere.
+    #[error(transparent)]
+    Placement(#[from] crate::arch::layout::PlacementError),
+    /// The hotplug region's memory could not be mapped.
+    #[error("cannot map the hotplug region")]
+    RegionMemory(#[source] memory::RamError),
     /// The hotplug region's memory could not be joined to what devices see.
     #[error("cannot give devices the hotplug region's memory")]
-    RegionMemory(#[source] vm_memory::GuestRegionCollectionError),
+    JoinRegion(#[source] memory::RamError),
 }
 
 /// What the event loop's subscribers are.
