@@ -62,7 +62,8 @@ impl VirtioMemMetrics {
     }
 
     /// Every metric, as the exporter shows it (names in Prometheus style, without prefix): the
-    /// latency maxima are gauges, the rest counters.
+    /// latency maxima are gauges, the rest counters. A flat table, one entry per metric: its
+    /// length is the number of metrics, not logic.
     pub fn list(&self) -> Vec<Metric> {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         vec![

@@ -1,5 +1,5 @@
 //! Building a [`Vm`] from a [`VmConfig`]: a list of named steps, each a function of what the
-//! steps before it made. [`build`] is that list; read it first.
+//! steps before it made. `build` is that list; read it first.
 //!
 //! The steps that need no KVM (placing the hotplug region, handing out virtio-mmio windows,
 //! assembling the command line, setting up guest RAM) are tested here on their own; the ones
@@ -31,15 +31,28 @@ use crate::console::{ConsoleState, ConsoleTap};
 use crate::memslots::{map_ram, KvmMemslots};
 use crate::swap::VmSwap;
 use crate::vcpu::{Vcpu, VmExit, VmShared};
-use crate::vm::{DeviceError, Devices, Subscriber, Vm, VmError, VmIo};
+use crate::vm::{host_err, DeviceError, Devices, Subscriber, Vm, VmError, VmIo};
 
 /// First legacy IRQ handed to virtio-mmio devices (IRQ 4 is COM1).
 const VIRTIO_IRQ_BASE: u32 = 5;
 /// Last IOAPIC pin usable by a virtio-mmio device.
 const VIRTIO_IRQ_LAST: u32 = crate::arch::mptable::IOAPIC_PINS as u32 - 1;
 
-/// Builds a VM ready to start, step by step: this function is the list of steps.
-pub(crate) fn build(config: &VmConfig, io: VmIo, compat: HostCompat) -> Result<Vm, VmError> {
+impl Vm {
+    /// Builds a VM ready to start: KVM VM, guest RAM, kernel loaded, devices, vCPUs.
+    pub fn new(config: &VmConfig, io: VmIo) -> Result<Self, VmError> {
+        Self::with_compat(config, io, HostCompat::detect())
+    }
+
+    /// Like [`Vm::new`] with an explicit host compatibility decision.
+    pub fn with_compat(config: &VmConfig, io: VmIo, compat: HostCompat) -> Result<Self, VmError> {
+        build(config, io, compat)
+    }
+}
+
+/// Builds a VM ready to start, step by step: this function is the list of steps (kept whole,
+/// with the `Vm` it assembles at the end, so that it reads on one screen).
+fn build(config: &VmConfig, io: VmIo, compat: HostCompat) -> Result<Vm, VmError> {
     let created = Instant::now();
     let phase = |what: &str| tracing::debug!("{what} after {} µs", created.elapsed().as_micros());
     config.validate(host_memory_bytes())?;
@@ -47,10 +60,7 @@ pub(crate) fn build(config: &VmConfig, io: VmIo, compat: HostCompat) -> Result<V
     let compat = Arc::new(compat);
 
     let kvm = check_kvm(config)?;
-    let vm_fd = Arc::new(create_vm(&kvm)?);
-    let cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("report CPUID"))?;
+    let (vm_fd, cpuid) = create_vm(&kvm)?;
     phase("KVM VM created");
     let (ram, ksm_guard) = setup_ram(config)?;
     map_ram(&vm_fd, &ram, false).map_err(kvm_err("add guest RAM"))?;
@@ -66,26 +76,18 @@ pub(crate) fn build(config: &VmConfig, io: VmIo, compat: HostCompat) -> Result<V
         vm_fd.clone(),
         shared.clone(),
     ));
-    let mut mmio = MmioDevices::new(ram.memory().clone());
+    let mut mmio = MmioDevices::new(vm_fd.clone(), ram.memory().clone());
     let mut devices = Devices::default();
     if let Some(hp) = config.hotplug {
-        let placed = place_hotplug_region(hp, &ram, cpuid::phys_addr_bits(cpuid.as_slice()))
-            .map_err(device_err("virtio-mem"))?;
-        devices.mem = Some(attach_virtio_mem(
-            placed,
-            &ram,
-            &vm_fd,
-            &mut mmio,
-            &mut events,
-        )?);
+        let bits = cpuid::phys_addr_bits(cpuid.as_slice());
+        let placed = place_hotplug_region(hp, &ram, bits).map_err(device_err("virtio-mem"))?;
+        devices.mem = Some(attach_virtio_mem(placed, &ram, &mut mmio, &mut events)?);
     }
     if let Some(balloon_config) = config.balloon {
-        let hotplug_ram = devices.hotplug_ram();
-        let discard = GuestDiscard::new(ram.clone(), swap.swapper_cell(), hotplug_ram);
+        let discard = GuestDiscard::new(ram.clone(), swap.swapper_cell(), devices.hotplug_ram());
         devices.balloon = Some(attach_balloon(
             balloon_config,
             discard,
-            &vm_fd,
             &mut mmio,
             &mut events,
         )?);
@@ -133,13 +135,6 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
-pub(crate) fn host_err<E: Into<std::io::Error>>(what: &'static str) -> impl FnOnce(E) -> VmError {
-    move |e| VmError::Host {
-        what,
-        source: e.into(),
-    }
-}
-
 fn device_err<E: Into<DeviceError>>(device: &'static str) -> impl FnOnce(E) -> VmError {
     move |e| VmError::Device {
         device,
@@ -172,8 +167,9 @@ fn check_kvm(config: &VmConfig) -> Result<Kvm, VmError> {
     Ok(kvm)
 }
 
-/// Creates the KVM VM with its TSS, in-kernel interrupt controllers and PIT.
-fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
+/// Creates the KVM VM with its TSS, in-kernel interrupt controllers and PIT; returns it with
+/// the CPUID KVM supports (the vCPUs' is filtered from it).
+fn create_vm(kvm: &Kvm) -> Result<(Arc<VmFd>, CpuId), VmError> {
     let vm_fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
     vm_fd
         .set_tss_address(layout::KVM_TSS_START as usize)
@@ -186,7 +182,10 @@ fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
         ..Default::default()
     };
     vm_fd.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
-    Ok(vm_fd)
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("report CPUID"))?;
+    Ok((Arc::new(vm_fd), cpuid))
 }
 
 /// Maps guest RAM and gives the host its advice: mergeable for KSM (with host KSM turned on
@@ -316,6 +315,7 @@ impl VirtioSlots {
 /// buffers in plugged memory, e.g. balloon pages), and the command-line fragment announcing
 /// each device to the guest.
 struct MmioDevices {
+    vm_fd: Arc<VmFd>,
     bus: Bus,
     slots: VirtioSlots,
     memory: GuestMemoryMmap,
@@ -323,8 +323,9 @@ struct MmioDevices {
 }
 
 impl MmioDevices {
-    fn new(memory: GuestMemoryMmap) -> Self {
+    fn new(vm_fd: Arc<VmFd>, memory: GuestMemoryMmap) -> Self {
         MmioDevices {
+            vm_fd,
             bus: Bus::new(),
             slots: VirtioSlots::new(),
             memory,
@@ -334,12 +335,9 @@ impl MmioDevices {
 
     /// Puts `device` behind a virtio-mmio transport in the next window, and wires the
     /// transport's interrupt (irqfd) and queue notifications (ioeventfd) to KVM.
-    fn attach(
-        &mut self,
-        device: Arc<Mutex<dyn VirtioDevice>>,
-        vm_fd: &VmFd,
-    ) -> Result<(), DeviceError> {
+    fn attach(&mut self, device: Arc<Mutex<dyn VirtioDevice>>) -> Result<(), DeviceError> {
         let (base, irq) = self.slots.allocate()?;
+        let vm_fd = &self.vm_fd;
         let transport = MmioTransport::new(self.memory.clone(), device)?;
         vm_fd
             .register_irqfd(transport.interrupt_evt(), irq)
@@ -387,7 +385,6 @@ fn place_hotplug_region(
 fn attach_virtio_mem(
     placed: VirtioMemConfig,
     ram: &GuestRam,
-    vm_fd: &Arc<VmFd>,
     mmio: &mut MmioDevices,
     events: &mut EventManager<Subscriber>,
 ) -> Result<Arc<Mutex<VirtioMem>>, VmError> {
@@ -402,7 +399,7 @@ fn attach_virtio_mem(
     mmio.memory = ram
         .joined(&region)
         .map_err(|e| fail(DeviceError::JoinRegion(e)))?;
-    let memslots = KvmMemslots::new(vm_fd.clone(), ram.ranges().len() as u32);
+    let memslots = KvmMemslots::new(mmio.vm_fd.clone(), ram.ranges().len() as u32);
     let device = VirtioMem::new(placed, region, Box::new(memslots)).map_err(|e| fail(e.into()))?;
     tracing::info!(
         "virtio-mem: {} MiB hotplug region at {addr:#x}, blocks of {} KiB",
@@ -410,7 +407,7 @@ fn attach_virtio_mem(
         placed.block_size.bytes() >> 10
     );
     let device = Arc::new(Mutex::new(device));
-    mmio.attach(device.clone(), vm_fd).map_err(fail)?;
+    mmio.attach(device.clone()).map_err(fail)?;
     events.add_subscriber(device.clone());
     Ok(device)
 }
@@ -420,13 +417,12 @@ fn attach_virtio_mem(
 fn attach_balloon(
     config: balloon::BalloonConfig,
     discard: GuestDiscard,
-    vm_fd: &VmFd,
     mmio: &mut MmioDevices,
     events: &mut EventManager<Subscriber>,
 ) -> Result<Arc<Mutex<Balloon>>, VmError> {
     let balloon = Balloon::new(config, Arc::new(discard)).map_err(device_err("balloon"))?;
     let balloon = Arc::new(Mutex::new(balloon));
-    mmio.attach(balloon.clone(), vm_fd)
+    mmio.attach(balloon.clone())
         .map_err(device_err("balloon"))?;
     events.add_subscriber(balloon.clone());
     Ok(balloon)

@@ -285,7 +285,8 @@ fn mib(n: u64) -> String {
     format!("{n} MiB")
 }
 
-/// The readable output for a successful reply.
+/// The readable output for a successful reply: one arm per command, each a few lines of
+/// formatting (its length grows with the commands, not with its logic).
 fn render(command: &CtlCommand, reply: &HttpReply) -> Result<String, serde_json::Error> {
     Ok(match command {
         CtlCommand::Vms => {

@@ -20,7 +20,6 @@ use vmm_sys_util::signal::Killable;
 use crate::action::{BalloonInfo, MemoryInfo, VmInfo, VmState};
 use crate::arch::regs;
 use crate::boot::BootError;
-use crate::builder::host_err;
 use crate::compat::HostCompat;
 use crate::config::{ConfigError, VmConfig};
 use crate::console::ConsoleState;
@@ -95,6 +94,13 @@ pub enum VmError {
     /// The vCPUs did not park in time.
     #[error("the vCPUs did not pause within {0:?}")]
     PauseTimeout(Duration),
+}
+
+pub(crate) fn host_err<E: Into<std::io::Error>>(what: &'static str) -> impl FnOnce(E) -> VmError {
+    move |e| VmError::Host {
+        what,
+        source: e.into(),
+    }
 }
 
 /// Why a device could not be created or wired into the VM.
@@ -208,7 +214,7 @@ impl ConsoleInput {
 }
 
 /// A running VM: its vCPU threads, event loop, devices and memory, from start to teardown.
-/// [`crate::builder`] makes it.
+/// [`crate::builder`] makes it ([`Vm::new`], [`Vm::with_compat`]).
 pub struct Vm {
     pub(crate) config: VmConfig,
     pub(crate) compat: Arc<HostCompat>,
@@ -242,16 +248,6 @@ impl std::fmt::Debug for Vm {
 }
 
 impl Vm {
-    /// Builds a VM ready to start: KVM VM, guest RAM, kernel loaded, devices, vCPUs.
-    pub fn new(config: &VmConfig, io: VmIo) -> Result<Self, VmError> {
-        Self::with_compat(config, io, HostCompat::detect())
-    }
-
-    /// Like [`Vm::new`] with an explicit host compatibility decision.
-    pub fn with_compat(config: &VmConfig, io: VmIo, compat: HostCompat) -> Result<Self, VmError> {
-        crate::builder::build(config, io, compat)
-    }
-
     /// The VM's name in the API (`vm0` unless set).
     pub fn id(&self) -> &str {
         &self.id

@@ -1147,7 +1147,8 @@ impl Swapper {
     }
 
     /// The status as metrics for `GET /metrics` (the exporter adds its prefix and the VM
-    /// label): levels (state, sizes, latency quantiles) are gauges, the rest counters.
+    /// label): levels (state, sizes, latency quantiles) are gauges, the rest counters. A flat
+    /// table, one entry per metric: its length is the number of metrics, not logic.
     pub fn metrics(&self) -> Vec<Metric> {
         let s = self.status();
         vec![
