@@ -124,12 +124,9 @@ struct Run {
 
 /// Gives up transparent huge pages on the region (the device asks for them): the baseline.
 fn small_pages_only(dev: &VirtioMem) {
-    for (range, ptr) in dev.ram().host_ranges() {
-        // SAFETY: the range is the device's live region mapping; MADV_NOHUGEPAGE changes how
-        // future faults are served, no memory contents.
-        let ret = unsafe { libc::madvise(ptr.cast(), range.size as usize, libc::MADV_NOHUGEPAGE) };
-        assert_eq!(ret, 0, "MADV_NOHUGEPAGE: {}", io::Error::last_os_error());
-    }
+    dev.ram()
+        .set_hugepages(false)
+        .expect("MADV_NOHUGEPAGE on the region");
 }
 
 fn run(blocks_per_request: u16, huge_pages: bool) -> Run {

@@ -320,7 +320,7 @@ impl MutEventSubscriber for AgeSampler {
 }
 
 /// An error with its sources, on one line.
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

@@ -89,8 +89,8 @@ pub enum VmError {
         source: DeviceError,
     },
     /// The event loop failed.
-    #[error("the VM's event loop failed: {0}")]
-    EventLoop(String),
+    #[error("the VM's event loop failed")]
+    EventLoop(#[source] event_manager::Error),
     /// The vCPUs did not park in time.
     #[error("the vCPUs did not pause within {0:?}")]
     PauseTimeout(Duration),
@@ -431,7 +431,7 @@ impl Vm {
         let ms = timeout.map_or(-1, |t| i32::try_from(t.as_millis()).unwrap_or(i32::MAX));
         self.events
             .run_with_timeout(ms)
-            .map_err(|e| VmError::EventLoop(e.to_string()))?;
+            .map_err(VmError::EventLoop)?;
         self.drain_requests();
         if self.shared.stop.load(std::sync::atomic::Ordering::SeqCst) {
             let reason = self
@@ -534,7 +534,7 @@ impl Vm {
     /// Stops the VM because its event loop failed. The loop may fail again on every call, so
     /// this must not go back to it.
     fn fail(&mut self, e: VmError) -> VmExit {
-        let exit = VmExit::Error(e.to_string());
+        let exit = VmExit::Error(crate::swap::chain(&e));
         self.shared.request_exit_quiet(exit.clone());
         self.stop_vcpus();
         self.exit = Some(exit.clone());
