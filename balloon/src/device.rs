@@ -13,6 +13,7 @@ use devices::virtio::{
     device_type, read_config_bytes, Activation, DeviceLifecycle, InterruptKind, VirtioDevice,
     VirtioDeviceState, VirtioError, VirtioInterrupt,
 };
+use memory::clock::{Clock, MonotonicClock};
 use memory::DiscardRam;
 use serde::{Deserialize, Serialize};
 use virtio_queue::desc::split::Descriptor;
@@ -196,6 +197,8 @@ pub struct Balloon {
     pub(crate) lifecycle: DeviceLifecycle<ActiveState>,
     stats_desc: Option<u16>,
     latest_stats: Option<(BalloonStats, Instant)>,
+    /// Dates the stats the guest sends; tests move it by hand.
+    clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for Balloon {
@@ -238,7 +241,15 @@ impl Balloon {
             lifecycle: DeviceLifecycle::new("balloon").map_err(BalloonError::Event)?,
             stats_desc: None,
             latest_stats: None,
+            clock: Arc::new(MonotonicClock),
         })
+    }
+
+    /// The same device dating the guest's stats on `clock` instead of the host's monotonic
+    /// clock (tests).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// The configuration the device was built from.
@@ -281,9 +292,10 @@ impl Balloon {
 
     /// The latest statistics from the guest and how old they are.
     pub fn latest_stats(&self) -> Option<(BalloonStats, Duration)> {
+        let now = self.clock.now();
         self.latest_stats
             .as_ref()
-            .map(|(s, at)| (s.clone(), at.elapsed()))
+            .map(|(s, at)| (s.clone(), now.saturating_duration_since(*at)))
     }
 
     fn role_indices(&self) -> Vec<QueueRole> {
@@ -368,6 +380,7 @@ impl Balloon {
             metrics,
             stats_desc,
             latest_stats,
+            clock,
             ..
         } = self;
         let Some(q) = ActiveQueue::of(lifecycle.active_mut(), QueueRole::Stats) else {
@@ -378,7 +391,7 @@ impl Balloon {
             let head = chain.head_index();
             match process_stats_chain(q.mem, chain) {
                 Ok(stats) => {
-                    *latest_stats = Some((stats, Instant::now()));
+                    *latest_stats = Some((stats, clock.now()));
                     BalloonMetrics::add(&metrics.stats_updates, 1);
                 }
                 Err(e) => {
