@@ -14,6 +14,7 @@
 //! device crates' tests, and [`FakeClock`], a [`Clock`] that moves only when told.
 
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -74,12 +75,7 @@ impl Need {
             return Some(format!("{WITHOUT_ENV} lists it"));
         }
         match self {
-            Need::Kvm => std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/kvm")
-                .err()
-                .map(|e| format!("cannot open /dev/kvm: {e}")),
+            Need::Kvm => kvm_missing(),
             Need::Root => {
                 // SAFETY: geteuid has no preconditions and cannot fail.
                 let euid = unsafe { libc::geteuid() };
@@ -113,6 +109,35 @@ impl Need {
 impl std::fmt::Display for Need {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// Why `/dev/kvm` is not a usable KVM, `None` if it answers `KVM_GET_API_VERSION` with the
+/// stable API version (12). Opening is not enough: a `/dev/null` bind-mounted over it opens.
+fn kvm_missing() -> Option<String> {
+    /// `KVM_GET_API_VERSION` (`_IO(KVMIO, 0x00)`), and the version every KVM since 2.6.22 gives.
+    const KVM_GET_API_VERSION: libc::c_ulong = 0xae00;
+    const KVM_API_VERSION: libc::c_int = 12;
+    let kvm = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(kvm) => kvm,
+        Err(e) => return Some(format!("cannot open /dev/kvm: {e}")),
+    };
+    // SAFETY: KVM_GET_API_VERSION takes no argument and only returns a value; on a file that
+    // is not KVM the ioctl fails with ENOTTY and changes nothing.
+    let version = unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_GET_API_VERSION as _) };
+    match version {
+        KVM_API_VERSION => None,
+        v if v < 0 => Some(format!(
+            "/dev/kvm is not KVM: KVM_GET_API_VERSION failed: {}",
+            std::io::Error::last_os_error()
+        )),
+        v => Some(format!(
+            "/dev/kvm answers API version {v}, not {KVM_API_VERSION}"
+        )),
     }
 }
 
