@@ -11,15 +11,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use devices::virtio::{
-    device_type, read_config_bytes, Activation, InterruptKind, VirtioDevice, VirtioDeviceState,
-    VirtioError, VirtioInterrupt,
+    device_type, read_config_bytes, Activation, DeviceLifecycle, InterruptKind, VirtioDevice,
+    VirtioDeviceState, VirtioError, VirtioInterrupt,
 };
 use memory::{ByteSize, DiscardRam, GuestRam, HUGE_PAGE_SIZE, PAGE_SIZE};
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::endian::{Le16, Le64};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::bitmap::{BlockBitmap, RangeState};
 pub use crate::error::VirtioMemError;
@@ -513,13 +512,11 @@ fn write_response(
     Ok(done as u32)
 }
 
-/// What the guest gave us at activation.
+/// What the guest gave us at activation (the queue eventfd is the lifecycle's).
 pub(crate) struct ActiveState {
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) interrupt: Arc<dyn VirtioInterrupt>,
     pub(crate) queue: Queue,
-    pub(crate) evt: EventFd,
-    pub(crate) evt_registered: bool,
 }
 
 /// The virtio-mem device.
@@ -528,10 +525,7 @@ pub struct VirtioMem {
     virtio: VirtioDeviceState,
     pub(crate) region: HotplugRegion,
     pub(crate) metrics: Arc<VirtioMemMetrics>,
-    pub(crate) activate_evt: EventFd,
-    pub(crate) active: Option<ActiveState>,
-    /// Queue eventfds of an earlier activation, still to be removed from the event loop.
-    pub(crate) retired_evts: Vec<EventFd>,
+    pub(crate) lifecycle: DeviceLifecycle<ActiveState>,
 }
 
 impl std::fmt::Debug for VirtioMem {
@@ -541,7 +535,7 @@ impl std::fmt::Debug for VirtioMem {
             .field("acked_features", &self.virtio.acked_features())
             .field("plugged_size", &self.region.plugged_size())
             .field("requested_size", &self.region.requested_size)
-            .field("active", &self.active.is_some())
+            .field("active", &self.lifecycle.is_activated())
             .finish_non_exhaustive()
     }
 }
@@ -600,9 +594,7 @@ impl VirtioMem {
                 metrics: metrics.clone(),
             },
             metrics,
-            activate_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(VirtioMemError::Event)?,
-            active: None,
-            retired_evts: Vec::new(),
+            lifecycle: DeviceLifecycle::new("virtio-mem").map_err(VirtioMemError::Event)?,
         })
     }
 
@@ -652,7 +644,7 @@ impl VirtioMem {
         }
         self.region.requested_size = bytes;
         self.config_changed();
-        if let Some(active) = &self.active {
+        if let Some(active) = self.lifecycle.active() {
             if let Err(e) = active.interrupt.trigger(InterruptKind::Config) {
                 VirtioMemMetrics::add(&self.metrics.interrupt_failures, 1);
                 return Err(VirtioMemError::Interrupt(e));
@@ -690,7 +682,7 @@ impl VirtioMem {
             block_size_bytes: self.region.block_size,
             plugged_mib: self.region.plugged_size() / MIB,
             requested_mib: self.region.requested_size / MIB,
-            driver_active: self.active.is_some(),
+            driver_active: self.lifecycle.is_activated(),
         }
     }
 
@@ -732,7 +724,7 @@ impl VirtioMem {
         let inaccessible = self.unplugged_inaccessible();
         let VirtioMem {
             region,
-            active,
+            lifecycle,
             metrics,
             virtio,
             ..
@@ -741,8 +733,7 @@ impl VirtioMem {
             mem,
             interrupt,
             queue,
-            ..
-        }) = active.as_mut()
+        }) = lifecycle.active_mut()
         else {
             return Ok(());
         };
@@ -822,8 +813,7 @@ impl VirtioDevice for VirtioMem {
             queue_evts,
             interrupt,
         } = activation;
-        let (Some(queue), Some(evt)) = (queues.into_iter().next(), queue_evts.into_iter().next())
-        else {
+        let Some(queue) = queues.into_iter().next() else {
             return Err(VirtioError::QueueCount {
                 expected: 1,
                 got: 0,
@@ -838,32 +828,22 @@ impl VirtioDevice for VirtioMem {
                  its PLUG requests will be refused"
             );
         }
-        self.active = Some(ActiveState {
+        let state = ActiveState {
             mem,
             interrupt,
             queue,
-            evt,
-            evt_registered: false,
-        });
-        // The event loop adds the queue eventfd when it sees this.
-        self.activate_evt.write(1).map_err(VirtioError::EventFd)
+        };
+        self.lifecycle.activate(state, queue_evts)
     }
 
     fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.lifecycle.is_activated()
     }
 
     fn reset(&mut self) {
         // The specification forbids changing the state of blocks on a device reset: plugged
         // blocks, memslots and the requested size stay.
-        if let Some(active) = self.active.take() {
-            if active.evt_registered {
-                self.retired_evts.push(active.evt);
-                if let Err(e) = self.activate_evt.write(1) {
-                    tracing::error!("virtio-mem: cannot tell the event loop about the reset: {e}");
-                }
-            }
-        }
+        self.lifecycle.reset();
         self.virtio.reset();
     }
 }

@@ -2,12 +2,12 @@
 //! discards go to fakes that record what they were asked.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use devices::virtio::fake::FakeInterrupt;
 use devices::virtio::{Activation, InterruptKind, VirtioDevice, VIRTIO_F_VERSION_1};
-use memory::{DiscardRam, GuestRam, RamError, RamRange};
+use memory::test_utils::FakeDiscard;
+use memory::{GuestRam, RamRange};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
@@ -86,29 +86,6 @@ impl MemslotControl for FakeMemslots {
         let at = at.unwrap_or_else(|| panic!("slot {} removed but not present", slot.index));
         s.present.remove(at);
         s.calls.push((SlotOp::Remove, *slot));
-        Ok(())
-    }
-}
-
-/// Records discarded ranges; can be told to fail.
-#[derive(Debug, Default)]
-struct FakeDiscard {
-    ranges: Mutex<Vec<(u64, u64)>>,
-    fail: AtomicBool,
-}
-
-impl FakeDiscard {
-    fn ranges(&self) -> Vec<(u64, u64)> {
-        self.ranges.lock().expect("lock").clone()
-    }
-}
-
-impl DiscardRam for FakeDiscard {
-    fn discard_range(&self, addr: GuestAddress, len: u64) -> Result<(), RamError> {
-        if self.fail.load(Ordering::Relaxed) {
-            return Err(RamError::NotRam { addr: addr.0, len });
-        }
-        self.ranges.lock().expect("lock").push((addr.0, len));
         Ok(())
     }
 }
@@ -715,7 +692,7 @@ fn discard_failure_answers_busy_and_keeps_the_blocks_plugged() {
     let mut h = Harness::new();
     h.request(64 * MIB);
     assert_eq!(h.plug(block(0), 2), RESP_ACK);
-    h.discard.fail.store(true, Ordering::Relaxed);
+    h.discard.set_failing(true);
     assert_eq!(h.unplug(block(0), 1), RESP_BUSY);
     assert_eq!(h.send(Request::UnplugAll).0, RESP_BUSY);
     assert_eq!(h.dev.plugged_size(), 4 * MIB);

@@ -5,7 +5,12 @@
 //! and `MADV_DONTNEED`. Page-sharing counts, per-VM swap, guest memory usage classes and the
 //! scheduler that moves memory between VMs live here too, as their issues land. The crate knows
 //! nothing about KVM: an action that needs KVM goes through a small trait implemented in `vmm`.
+//!
+//! With the `test-utils` feature, [`test_utils`] (not in release builds) holds what the whole
+//! workspace's tests share: the one rule for a test that needs KVM, root, userfaultfd
+//! write-protect or the built guest ([`require!`]), and a recording [`DiscardRam`] fake.
 
+pub mod clock;
 pub mod discard;
 pub mod ksm;
 pub mod metrics;
@@ -14,6 +19,8 @@ pub mod sharing;
 pub mod signals;
 pub mod size;
 pub mod swap;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 
 pub use discard::GuestDiscard;
 pub use metrics::{Metric, MetricKind, MetricValue};

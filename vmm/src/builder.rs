@@ -277,8 +277,7 @@ impl MutEventSubscriber for ExitWatcher {
 
 /// The VM's event loop, watching the exit eventfd.
 fn create_event_loop(shared: &Arc<VmShared>) -> Result<EventManager<Subscriber>, VmError> {
-    let mut events: EventManager<Subscriber> =
-        EventManager::new().map_err(VmError::EventLoop)?;
+    let mut events: EventManager<Subscriber> = EventManager::new().map_err(VmError::EventLoop)?;
     events.add_subscriber(Arc::new(Mutex::new(ExitWatcher(shared.clone()))));
     Ok(events)
 }

@@ -21,7 +21,7 @@ pub mod age;
 pub mod file;
 pub mod metrics;
 pub mod state;
-mod uffd;
+pub(crate) mod uffd;
 
 use std::collections::VecDeque;
 use std::fmt;
