@@ -6,9 +6,11 @@
 //! keeps the kernel alive on hosts where guest user space cannot run, and costs nothing on
 //! others.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use memvisor_tests::{idle_kernel_guest, run_until, start_idle_kernel, vm_rss_bytes};
+use common::{idle_kernel_guest, run_until, start_idle_kernel, vm_rss_bytes};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::{Vm, VmExit, VmIo};
 
@@ -25,6 +27,7 @@ fn actual_mib(vm: &Vm) -> u64 {
 
 #[test]
 fn guest_kernel_inflates_to_target_and_deflates_back() {
+    memory::require!(Kvm, Guest);
     let mut config = idle_kernel_guest(256);
     config.balloon = Some(balloon::BalloonConfig::default());
     let mut vm = Vm::new(

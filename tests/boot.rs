@@ -1,8 +1,10 @@
 //! Boots the default guest through KVM and checks the boot milestone.
 
+mod common;
+
 use std::time::Duration;
 
-use memvisor_tests::{boot, default_guest};
+use common::{boot, default_guest};
 use vmm::VmExit;
 
 /// Generous: the milestone comes in under a minute on hosts that emulate guest kernel code, but
@@ -11,6 +13,7 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 
 #[test]
 fn default_guest_reaches_its_boot_milestone() {
+    memory::require!(Kvm, Guest);
     let config = default_guest();
     let outcome = boot(&config, BOOT_TIMEOUT);
     assert!(

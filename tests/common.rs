@@ -1,26 +1,22 @@
-//! Helpers shared by the integration tests: where the default guest is, and booting it.
+//! Helpers shared by the integration tests (a module of each test: `mod common;`): where the
+//! default guest is, booting it, and purpose-built guest programs.
+//!
+//! Every test here needs KVM, and some the built guest or userfaultfd write-protect: each says
+//! so first with `memory::require!(Kvm, ...)`, which skips it with one printed reason on a
+//! machine without them, or fails it under `MEMVISOR_REQUIRE_KVM=1` (see `memory::test_utils`).
+
+// Each test uses its own part of these helpers.
+#![allow(dead_code)]
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use vmm::{Vm, VmConfig, VmExit, VmIo};
 
-/// The default guest built by `guest-images/build`.
-pub fn guest_dir() -> PathBuf {
-    std::env::var_os("MEMVISOR_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/guest"))
-}
-
-/// The default guest's configuration, or a panic that says how to build it.
+/// The default guest's configuration (built by `guest-images/build`; a test that uses it starts
+/// with `memory::require!(Kvm, Guest)`).
 pub fn default_guest() -> VmConfig {
-    let dir = guest_dir();
-    assert!(
-        dir.join("vmlinux").exists() && dir.join("initramfs.cpio.gz").exists(),
-        "no default guest in {}: run guest-images/build first",
-        dir.display()
-    );
-    VmConfig::default_guest(&dir)
+    VmConfig::default_guest(&memory::test_utils::guest_dir())
 }
 
 /// The line the default guest's kernel logs once it has booted and sits idle without a root
@@ -132,7 +128,7 @@ impl std::io::Write for Capture {
     }
 }
 
-/// Writes `bytes` to a fresh file in a per-test temporary directory and returns its path.
+/// Writes `bytes` to a fresh file in a per-process temporary directory and returns its path.
 pub fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("memvisor-test-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("create temp dir");

@@ -1,9 +1,11 @@
 //! Small purpose-built guest programs that exercise the VMM's boot state and exit handling
 //! through real KVM exits, in milliseconds instead of a kernel boot.
 
+mod common;
+
 use std::time::Duration;
 
-use memvisor_tests::{temp_file, tiny_elf, Capture};
+use common::{temp_file, tiny_elf, Capture};
 use vmm::{Vm, VmConfig, VmExit, VmIo};
 
 /// Checks the boot protocol from the guest side (`rsi` points at a zero page carrying the
@@ -62,6 +64,7 @@ fn run_program(name: &str, code: &[u8], cpus: u8) -> (VmExit, String) {
 
 #[test]
 fn guest_sees_the_zero_page_and_resets_through_the_i8042() {
+    memory::require!(Kvm);
     let (exit, out) = run_program("zero-page", CHECK_ZERO_PAGE_THEN_RESET, 1);
     assert_eq!(out, "OK\n");
     assert_eq!(exit, VmExit::Reset);
@@ -69,6 +72,7 @@ fn guest_sees_the_zero_page_and_resets_through_the_i8042() {
 
 #[test]
 fn two_vcpus_boot_and_stop_together() {
+    memory::require!(Kvm);
     // The second vCPU waits for a SIPI that never comes; the VM must still stop cleanly.
     let (exit, out) = run_program("two-cpus", CHECK_ZERO_PAGE_THEN_RESET, 2);
     assert_eq!(out, "OK\n");
@@ -77,6 +81,7 @@ fn two_vcpus_boot_and_stop_together() {
 
 #[test]
 fn unclaimed_ports_read_all_ones_and_a_triple_fault_is_a_reset() {
+    memory::require!(Kvm);
     let (exit, out) = run_program("triple-fault", UNCLAIMED_PORT_THEN_TRIPLE_FAULT, 1);
     assert_eq!(out, "F");
     assert_eq!(exit, VmExit::Reset);
@@ -84,6 +89,7 @@ fn unclaimed_ports_read_all_ones_and_a_triple_fault_is_a_reset() {
 
 #[test]
 fn a_vm_that_never_stops_can_be_stopped() {
+    memory::require!(Kvm);
     // jmp $: spins forever in the guest.
     let kernel = temp_file("spin", &tiny_elf(&[0xeb, 0xfe], 0x20_0000));
     let mut config = VmConfig::new(kernel);

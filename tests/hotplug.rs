@@ -4,9 +4,11 @@
 //!
 //! The guest boots without an initramfs and with `rootdelay=` (see tests/balloon.rs for why).
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use memvisor_tests::{captured_vm, idle_kernel_guest, run_until, start_idle_kernel, vm_rss_bytes};
+use common::{captured_vm, idle_kernel_guest, run_until, start_idle_kernel, vm_rss_bytes};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::action::{Action, ActionError, ActionReply, MemoryRequest};
 use vmm::{Vm, VmExit};
@@ -41,6 +43,7 @@ fn zonelist_totals(console: &str) -> Vec<u64> {
 
 #[test]
 fn guest_kernel_plugs_256_mib_and_unplugs_it_again() {
+    memory::require!(Kvm, Guest);
     let mut config = idle_kernel_guest(128);
     config.hotplug = Some(vmm::config::parse_hotplug_options("1G").expect("hotplug options"));
     let (mut vm, capture) = captured_vm(&config);

@@ -5,9 +5,11 @@
 //! anew, not served from their old slots), and the guest verifies again and reports `OK` or
 //! `BAD` on COM1.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use memvisor_tests::{captured_vm, temp_dir, temp_file, tiny_elf, Capture};
+use common::{captured_vm, temp_dir, temp_file, tiny_elf, Capture};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::action::{Action, ActionReply, SwapRequest};
 use vmm::{Vm, VmConfig, VmExit};
@@ -205,6 +207,7 @@ fn swap_out_all(vm: &mut Vm) -> serde_json::Value {
 
 #[test]
 fn guest_pattern_survives_two_swap_outs_byte_for_byte() {
+    memory::require!(Kvm, UffdWriteProtect);
     let kernel = temp_file("swap-pattern", &tiny_elf(SWAP_PATTERN, 0x20_0000));
     let swap_dir = temp_dir("swap-dir");
     let mut config = VmConfig::new(kernel);
@@ -274,6 +277,7 @@ fn guest_pattern_survives_two_swap_outs_byte_for_byte() {
 
 #[test]
 fn guest_writes_racing_swap_outs_are_never_lost() {
+    memory::require!(Kvm, UffdWriteProtect);
     let kernel = temp_file("swap-race", &tiny_elf(SWAP_RACE, 0x20_0000));
     let mut config = VmConfig::new(kernel);
     config.memory = memory::ByteSize(64 << 20);
@@ -332,6 +336,7 @@ fn libc_eio() -> i32 {
 
 #[test]
 fn a_swap_that_cannot_serve_a_fault_stops_the_vm_with_its_reason() {
+    memory::require!(Kvm, UffdWriteProtect);
     let kernel = temp_file("swap-unreadable", &tiny_elf(SWAP_PATTERN, 0x20_0000));
     let swap_dir = temp_dir("swap-unreadable-dir");
     let mut config = VmConfig::new(kernel);

@@ -10,15 +10,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use devices::virtio::{
-    device_type, read_config_bytes, Activation, InterruptKind, VirtioDevice, VirtioDeviceState,
-    VirtioError, VirtioInterrupt,
+    device_type, read_config_bytes, Activation, DeviceLifecycle, InterruptKind, VirtioDevice,
+    VirtioDeviceState, VirtioError, VirtioInterrupt,
 };
+use memory::clock::{Clock, MonotonicClock};
 use memory::DiscardRam;
 use serde::{Deserialize, Serialize};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::metrics::BalloonMetrics;
@@ -163,15 +163,14 @@ impl BalloonConfigSpace {
     }
 }
 
-/// What the guest gave us at activation.
+/// What the guest gave us at activation (the queue eventfds are the lifecycle's).
 pub(crate) struct ActiveState {
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) interrupt: Arc<dyn VirtioInterrupt>,
     /// Transport index and queue, by [`QueueRole`].
     pub(crate) queues: [Option<(u16, Queue)>; 4],
-    /// Queue eventfds by role, to register with the event loop.
-    pub(crate) evts: Vec<(QueueRole, EventFd)>,
-    pub(crate) evts_registered: bool,
+    /// The role of each transport queue index.
+    pub(crate) roles: Vec<QueueRole>,
 }
 
 /// Outcome of turning a batch of PFNs into discards.
@@ -194,13 +193,12 @@ pub struct Balloon {
     config_space: BalloonConfigSpace,
     discard: Arc<dyn DiscardRam>,
     pub(crate) metrics: Arc<BalloonMetrics>,
-    pub(crate) activate_evt: EventFd,
     pub(crate) stats_timer: TimerFd,
-    pub(crate) active: Option<ActiveState>,
-    /// Queue eventfds of an earlier activation, still to be removed from the event loop.
-    pub(crate) retired_evts: Vec<EventFd>,
+    pub(crate) lifecycle: DeviceLifecycle<ActiveState>,
     stats_desc: Option<u16>,
     latest_stats: Option<(BalloonStats, Instant)>,
+    /// Dates the stats the guest sends; tests move it by hand.
+    clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for Balloon {
@@ -209,7 +207,7 @@ impl std::fmt::Debug for Balloon {
             .field("config", &self.config)
             .field("acked_features", &self.virtio.acked_features())
             .field("config_space", &self.config_space)
-            .field("active", &self.active.is_some())
+            .field("active", &self.lifecycle.is_activated())
             .finish_non_exhaustive()
     }
 }
@@ -239,13 +237,19 @@ impl Balloon {
             config_space: BalloonConfigSpace::default(),
             discard,
             metrics: Arc::new(BalloonMetrics::default()),
-            activate_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(BalloonError::Event)?,
             stats_timer,
-            active: None,
-            retired_evts: Vec::new(),
+            lifecycle: DeviceLifecycle::new("balloon").map_err(BalloonError::Event)?,
             stats_desc: None,
             latest_stats: None,
+            clock: Arc::new(MonotonicClock),
         })
+    }
+
+    /// The same device dating the guest's stats on `clock` instead of the host's monotonic
+    /// clock (tests).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// The configuration the device was built from.
@@ -267,7 +271,7 @@ impl Balloon {
             .ok_or(BalloonError::TargetTooLarge { target_mib })?;
         self.config_space.num_pages = pages;
         self.virtio.config_changed();
-        if let Some(active) = &self.active {
+        if let Some(active) = self.lifecycle.active() {
             active
                 .interrupt
                 .trigger(InterruptKind::Config)
@@ -288,9 +292,10 @@ impl Balloon {
 
     /// The latest statistics from the guest and how old they are.
     pub fn latest_stats(&self) -> Option<(BalloonStats, Duration)> {
+        let now = self.clock.now();
         self.latest_stats
             .as_ref()
-            .map(|(s, at)| (s.clone(), at.elapsed()))
+            .map(|(s, at)| (s.clone(), now.saturating_duration_since(*at)))
     }
 
     fn role_indices(&self) -> Vec<QueueRole> {
@@ -310,12 +315,12 @@ impl Balloon {
     /// nothing, they read as zero when the guest touches them again.
     pub fn handle_page_queue(&mut self, role: QueueRole) -> Result<(), BalloonError> {
         let Balloon {
-            active,
+            lifecycle,
             metrics,
             discard,
             ..
         } = self;
-        let Some(mut q) = ActiveQueue::of(active, role) else {
+        let Some(mut q) = ActiveQueue::of(lifecycle.active_mut(), role) else {
             return Ok(());
         };
         let (mem, metrics) = (q.mem, &**metrics);
@@ -347,12 +352,12 @@ impl Balloon {
     /// Processes the free page reporting queue: every reported range is discarded.
     pub fn handle_reporting_queue(&mut self) -> Result<(), BalloonError> {
         let Balloon {
-            active,
+            lifecycle,
             metrics,
             discard,
             ..
         } = self;
-        let Some(mut q) = ActiveQueue::of(active, QueueRole::Reporting) else {
+        let Some(mut q) = ActiveQueue::of(lifecycle.active_mut(), QueueRole::Reporting) else {
             return Ok(());
         };
         let mem = q.mem;
@@ -371,13 +376,14 @@ impl Balloon {
     /// the next request.
     pub fn handle_stats_queue(&mut self) -> Result<(), BalloonError> {
         let Balloon {
-            active,
+            lifecycle,
             metrics,
             stats_desc,
             latest_stats,
+            clock,
             ..
         } = self;
-        let Some(q) = ActiveQueue::of(active, QueueRole::Stats) else {
+        let Some(q) = ActiveQueue::of(lifecycle.active_mut(), QueueRole::Stats) else {
             return Ok(());
         };
         let mut returned = Vec::new();
@@ -385,7 +391,7 @@ impl Balloon {
             let head = chain.head_index();
             match process_stats_chain(q.mem, chain) {
                 Ok(stats) => {
-                    *latest_stats = Some((stats, Instant::now()));
+                    *latest_stats = Some((stats, clock.now()));
                     BalloonMetrics::add(&metrics.stats_updates, 1);
                 }
                 Err(e) => {
@@ -406,12 +412,12 @@ impl Balloon {
     /// the previous request there is nothing to give back: that is counted, nothing else.
     pub fn request_stats(&mut self) -> Result<(), BalloonError> {
         let Balloon {
-            active,
+            lifecycle,
             metrics,
             stats_desc,
             ..
         } = self;
-        let Some(q) = ActiveQueue::of(active, QueueRole::Stats) else {
+        let Some(q) = ActiveQueue::of(lifecycle.active_mut(), QueueRole::Stats) else {
             return Ok(());
         };
         match stats_desc.take() {
@@ -435,13 +441,13 @@ struct ActiveQueue<'a> {
 
 impl<'a> ActiveQueue<'a> {
     /// The queue of `role`; `None` if the device is not active or has no such queue.
-    fn of(active: &'a mut Option<ActiveState>, role: QueueRole) -> Option<Self> {
+    fn of(active: Option<&'a mut ActiveState>, role: QueueRole) -> Option<Self> {
         let ActiveState {
             mem,
             interrupt,
             queues,
             ..
-        } = active.as_mut()?;
+        } = active?;
         let (index, queue) = queues[role as usize].as_mut()?;
         Some(ActiveQueue {
             mem,
@@ -726,12 +732,8 @@ impl VirtioDevice for Balloon {
             }
         }
         let mut by_role: [Option<(u16, Queue)>; 4] = Default::default();
-        let mut evts = Vec::with_capacity(roles.len());
-        for (index, ((queue, evt), role)) in
-            queues.into_iter().zip(queue_evts).zip(roles).enumerate()
-        {
-            by_role[role as usize] = Some((index as u16, queue));
-            evts.push((role, evt));
+        for (index, (queue, role)) in queues.into_iter().zip(&roles).enumerate() {
+            by_role[*role as usize] = Some((index as u16, queue));
         }
         if self.virtio.has_feature(VIRTIO_BALLOON_F_STATS_VQ) && self.config.stats_interval_s > 0 {
             let interval = Duration::from_secs(u64::from(self.config.stats_interval_s));
@@ -739,31 +741,21 @@ impl VirtioDevice for Balloon {
                 return Err(VirtioError::EventFd(e.into()));
             }
         }
-        self.active = Some(ActiveState {
+        let state = ActiveState {
             mem,
             interrupt,
             queues: by_role,
-            evts,
-            evts_registered: false,
-        });
-        // The event loop adds the queue eventfds when it sees this.
-        self.activate_evt.write(1).map_err(VirtioError::EventFd)
+            roles,
+        };
+        self.lifecycle.activate(state, queue_evts)
     }
 
     fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.lifecycle.is_activated()
     }
 
     fn reset(&mut self) {
-        if let Some(active) = self.active.take() {
-            if active.evts_registered {
-                self.retired_evts
-                    .extend(active.evts.into_iter().map(|(_, evt)| evt));
-                if let Err(e) = self.activate_evt.write(1) {
-                    tracing::error!("balloon: cannot tell the event loop about the reset: {e}");
-                }
-            }
-        }
+        self.lifecycle.reset();
         if let Err(e) = self.stats_timer.clear() {
             tracing::error!("balloon: cannot stop the stats timer: {e}");
         }

@@ -3,6 +3,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use memory::Metric;
+
 /// What the balloon did, since it was created.
 #[derive(Debug, Default)]
 pub struct BalloonMetrics {
@@ -33,24 +35,66 @@ impl BalloonMetrics {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Every counter as (name, value), names in Prometheus style without prefix.
-    pub fn values(&self) -> Vec<(&'static str, u64)> {
+    /// Every counter, as the exporter shows it (names in Prometheus style, without prefix).
+    pub fn list(&self) -> Vec<Metric> {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         vec![
-            ("inflated_pages_total", get(&self.inflated_pages)),
-            ("deflated_pages_total", get(&self.deflated_pages)),
-            ("reported_pages_total", get(&self.reported_pages)),
-            ("discard_calls_total", get(&self.discard_calls)),
-            ("discard_failures_total", get(&self.discard_failures)),
-            ("bad_descriptors_total", get(&self.bad_descriptors)),
-            ("bad_pfns_total", get(&self.bad_pfns)),
-            ("stats_updates_total", get(&self.stats_updates)),
-            (
+            Metric::counter(
+                "inflated_pages_total",
+                "Pages the guest put into the balloon.",
+                get(&self.inflated_pages),
+            ),
+            Metric::counter(
+                "deflated_pages_total",
+                "Pages the guest took back out of the balloon.",
+                get(&self.deflated_pages),
+            ),
+            Metric::counter(
+                "reported_pages_total",
+                "Pages the guest reported free.",
+                get(&self.reported_pages),
+            ),
+            Metric::counter(
+                "discard_calls_total",
+                "Discards of guest memory (one per coalesced range).",
+                get(&self.discard_calls),
+            ),
+            Metric::counter(
+                "discard_failures_total",
+                "Discards that failed; their memory stays resident.",
+                get(&self.discard_failures),
+            ),
+            Metric::counter(
+                "bad_descriptors_total",
+                "Descriptors refused.",
+                get(&self.bad_descriptors),
+            ),
+            Metric::counter(
+                "bad_pfns_total",
+                "Page frame numbers refused as not guest RAM.",
+                get(&self.bad_pfns),
+            ),
+            Metric::counter(
+                "stats_updates_total",
+                "Statistics buffers received from the guest.",
+                get(&self.stats_updates),
+            ),
+            Metric::counter(
                 "stats_requests_missed_total",
+                "Statistics requests the guest had not answered when the next was due.",
                 get(&self.stats_requests_missed),
             ),
-            ("interrupt_failures_total", get(&self.interrupt_failures)),
+            Metric::counter(
+                "interrupt_failures_total",
+                "Interrupts that could not be raised.",
+                get(&self.interrupt_failures),
+            ),
         ]
+    }
+
+    /// Every counter as (name, value), names as in [`BalloonMetrics::list`].
+    pub fn values(&self) -> Vec<(&'static str, u64)> {
+        self.list().iter().map(|m| (m.name, m.as_u64())).collect()
     }
 }
 
@@ -66,5 +110,14 @@ mod tests {
         assert_eq!(values.len(), 10);
         assert!(values.contains(&("bad_pfns_total", 3)));
         assert!(values.contains(&("inflated_pages_total", 0)));
+    }
+
+    #[test]
+    fn every_balloon_metric_is_a_counter() {
+        let m = BalloonMetrics::default();
+        assert!(m
+            .list()
+            .iter()
+            .all(|m| m.kind() == memory::MetricKind::Counter));
     }
 }

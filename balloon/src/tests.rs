@@ -1,12 +1,11 @@
 //! Device tests: the guest's side of each queue is played with virtio-queue's mock.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use devices::virtio::fake::FakeInterrupt;
 use devices::virtio::{Activation, InterruptKind, VirtioDevice, VIRTIO_F_VERSION_1};
-use memory::{DiscardRam, RamError};
+use memory::test_utils::{FakeClock, FakeDiscard};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
@@ -18,29 +17,6 @@ use crate::device::*;
 const MEM_SIZE: u64 = 64 << 20;
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
-
-/// Records every discarded range; can be told to fail.
-#[derive(Debug, Default)]
-pub(crate) struct FakeDiscard {
-    ranges: Mutex<Vec<(u64, u64)>>,
-    fail: AtomicBool,
-}
-
-impl FakeDiscard {
-    fn ranges(&self) -> Vec<(u64, u64)> {
-        self.ranges.lock().expect("lock").clone()
-    }
-}
-
-impl DiscardRam for FakeDiscard {
-    fn discard_range(&self, addr: GuestAddress, len: u64) -> Result<(), RamError> {
-        self.ranges.lock().expect("lock").push((addr.0, len));
-        if self.fail.load(Ordering::Relaxed) {
-            return Err(RamError::NotRam { addr: addr.0, len });
-        }
-        Ok(())
-    }
-}
 
 fn all_features() -> BalloonConfig {
     BalloonConfig {
@@ -57,6 +33,7 @@ struct Harness {
     balloon: Balloon,
     discard: Arc<FakeDiscard>,
     interrupt: Arc<FakeInterrupt>,
+    clock: Arc<FakeClock>,
     next_buf: u64,
 }
 
@@ -72,7 +49,10 @@ impl Harness {
         ));
         let discard = Arc::new(FakeDiscard::default());
         let interrupt = Arc::new(FakeInterrupt::new());
-        let mut balloon = Balloon::new(config, discard.clone()).expect("balloon");
+        let clock = Arc::new(FakeClock::new());
+        let mut balloon = Balloon::new(config, discard.clone())
+            .expect("balloon")
+            .with_clock(clock.clone());
         balloon.set_acked_features(features);
         let n = balloon.queue_max_sizes().len();
         let mocks: Vec<_> = (0..n)
@@ -100,6 +80,7 @@ impl Harness {
             balloon,
             discard,
             interrupt,
+            clock,
             next_buf: 0x10_0000,
         }
     }
@@ -276,7 +257,7 @@ fn inflate_chain_with_broken_next_index_is_counted_and_skipped() {
 #[test]
 fn failed_discard_is_counted_not_hidden() {
     let mut h = Harness::new(BalloonConfig::default());
-    h.discard.fail.store(true, Ordering::Relaxed);
+    h.discard.set_failing(true);
     h.inflate(&[0x1000, 0x3000]);
     h.balloon
         .handle_page_queue(QueueRole::Inflate)
@@ -313,7 +294,11 @@ fn stats_buffer_is_recorded_and_held_until_the_next_request() {
     assert_eq!(stats.oom_kills, Some(3));
     assert_eq!(stats.direct_reclaim_bytes, Some(4096));
     assert_eq!(stats.unknown.get(&99), Some(&7));
-    assert!(age < Duration::from_secs(5));
+    assert_eq!(
+        age,
+        Duration::ZERO,
+        "no time has passed on the test's clock"
+    );
     assert_eq!(h.used_idx(2), 0, "the buffer is held");
     assert_eq!(h.metric("stats_updates_total"), 1);
 
@@ -338,12 +323,9 @@ fn guest_that_never_answers_stats_is_counted_and_nothing_breaks() {
     h.balloon.request_stats().expect("third request");
     assert_eq!(h.metric("stats_requests_missed_total"), 2);
     assert_eq!(h.used_idx(2), 1, "nothing returned twice");
-    std::thread::sleep(Duration::from_millis(20));
+    h.clock.advance(Duration::from_secs(20));
     let (_, age) = h.balloon.latest_stats().expect("old stats are kept");
-    assert!(
-        age >= Duration::from_millis(20),
-        "the age says they are stale"
-    );
+    assert_eq!(age, Duration::from_secs(20), "the age says they are stale");
     // The inflate queue still works.
     h.inflate(&[0x1000]);
     h.balloon

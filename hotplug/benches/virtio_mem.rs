@@ -25,8 +25,9 @@ use std::time::{Duration, Instant};
 
 use devices::virtio::fake::FakeInterrupt;
 use devices::virtio::{Activation, VirtioDevice};
-use hotplug::util::{encode_request, RESP_ACK};
+use hotplug::wire::{encode_request, RESP_ACK};
 use hotplug::{Memslot, MemslotControl, Request, VirtioMem, VirtioMemConfig};
+use memory::{GuestRam, RamRange};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
@@ -123,12 +124,9 @@ struct Run {
 
 /// Gives up transparent huge pages on the region (the device asks for them): the baseline.
 fn small_pages_only(dev: &VirtioMem) {
-    for (range, ptr) in dev.ram().host_ranges() {
-        // SAFETY: the range is the device's live region mapping; MADV_NOHUGEPAGE changes how
-        // future faults are served, no memory contents.
-        let ret = unsafe { libc::madvise(ptr.cast(), range.size as usize, libc::MADV_NOHUGEPAGE) };
-        assert_eq!(ret, 0, "MADV_NOHUGEPAGE: {}", io::Error::last_os_error());
-    }
+    dev.ram()
+        .set_hugepages(false)
+        .expect("MADV_NOHUGEPAGE on the region");
 }
 
 fn run(blocks_per_request: u16, huge_pages: bool) -> Run {
@@ -139,7 +137,8 @@ fn run(blocks_per_request: u16, huge_pages: bool) -> Run {
         ..VirtioMemConfig::new(PLUG_BYTES)
     };
     let memslots = Box::new(SyscallMemslots { calls: 0 });
-    let mut dev = VirtioMem::new(config, memslots).expect("device");
+    let region = GuestRam::new(&[RamRange::new(REGION_ADDR, PLUG_BYTES)]).expect("region");
+    let mut dev = VirtioMem::new(config, region, memslots).expect("device");
     if !huge_pages {
         small_pages_only(&dev);
     }

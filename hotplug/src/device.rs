@@ -11,22 +11,22 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use devices::virtio::{
-    device_type, read_config_bytes, Activation, InterruptKind, VirtioDevice, VirtioDeviceState,
-    VirtioError, VirtioInterrupt,
+    device_type, read_config_bytes, Activation, DeviceLifecycle, InterruptKind, VirtioDevice,
+    VirtioDeviceState, VirtioError, VirtioInterrupt,
 };
-use memory::{ByteSize, DiscardRam, GuestRam, RamError, RamRange, PAGE_SIZE};
+use memory::{ByteSize, DiscardRam, GuestRam, HUGE_PAGE_SIZE, PAGE_SIZE};
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::endian::{Le16, Le64};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::bitmap::{BlockBitmap, RangeState};
+pub use crate::error::VirtioMemError;
 use crate::metrics::VirtioMemMetrics;
-use crate::sys;
-use crate::util::{
-    parse_request, place_region, request_blocks, slots_of, Request, Response, MMIO_HOLE_END,
-    MMIO_HOLE_START, REQUEST_SIZE, RESPONSE_SIZE, STATE_MIXED, STATE_PLUGGED, STATE_UNPLUGGED,
+use crate::util::{request_blocks, slots_of};
+use crate::wire::{
+    parse_request, Request, Response, REQUEST_SIZE, RESPONSE_SIZE, STATE_MIXED, STATE_PLUGGED,
+    STATE_UNPLUGGED,
 };
 
 /// Size of the guest-request queue (Linux has one request in flight at a time).
@@ -35,8 +35,8 @@ pub const QUEUE_SIZE: u16 = 128;
 pub const VIRTIO_MEM_F_ACPI_PXM: u32 = 0;
 /// Feature bit: the driver does not access unplugged memory (offered, and needed to plug).
 pub const VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE: u32 = 1;
-/// Default block size: the x86_64 transparent huge page size.
-pub const DEFAULT_BLOCK_SIZE: u64 = 2 << 20;
+/// Default block size: the x86_64 transparent huge page size ([`HUGE_PAGE_SIZE`]).
+pub const DEFAULT_BLOCK_SIZE: u64 = HUGE_PAGE_SIZE;
 /// Default memslot size: Linux's x86_64 memory block size.
 pub const DEFAULT_SLOT_SIZE: u64 = 128 << 20;
 
@@ -46,8 +46,8 @@ const MIB: u64 = 1 << 20;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VirtioMemConfig {
-    /// Guest physical address of the hotplug region; `None` lets the VMM place it with
-    /// [`VirtioMemConfig::placed`] (above RAM, 128 MiB aligned).
+    /// Guest physical address of the hotplug region; `None` lets the VMM place it (memvisor
+    /// puts it above RAM, 128 MiB aligned).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region_addr: Option<u64>,
     /// Size of the hotplug region: the most memory the guest can ever get plugged.
@@ -77,27 +77,6 @@ impl VirtioMemConfig {
             block_size: default_block_size(),
             slot_size: default_slot_size(),
         }
-    }
-
-    /// This configuration with `region_addr` chosen by [`place_region`] for guest RAM `ram`
-    /// ((start, size) ranges), unless it is already set; a region address given by the user
-    /// must not overlap RAM or the 3–4 GiB MMIO hole.
-    pub fn placed(self, ram: &[(u64, u64)]) -> Result<Self, VirtioMemError> {
-        if let Some(addr) = self.region_addr {
-            let size = self.region_size.bytes();
-            let end = addr.saturating_add(size);
-            let overlaps = |start: u64, len: u64| addr < start.saturating_add(len) && start < end;
-            if ram.iter().any(|&(start, len)| overlaps(start, len))
-                || overlaps(MMIO_HOLE_START, MMIO_HOLE_END - MMIO_HOLE_START)
-            {
-                return Err(VirtioMemError::RegionOverlaps { addr, size });
-            }
-            return Ok(self);
-        }
-        Ok(VirtioMemConfig {
-            region_addr: Some(place_region(ram, self.region_size.bytes())?),
-            ..self
-        })
     }
 
     /// Checks the configuration; returns the region's start address.
@@ -131,203 +110,6 @@ impl VirtioMemConfig {
             });
         }
         Ok(addr)
-    }
-}
-
-/// Errors of the virtio-mem device. Those a guest request causes map to the guest's answer
-/// through [`VirtioMemError::response`].
-#[derive(Debug, thiserror::Error)]
-pub enum VirtioMemError {
-    /// The configuration has no region address and was not placed.
-    #[error("the hotplug region has no address")]
-    RegionNotPlaced,
-    /// The region size is zero.
-    #[error("the hotplug region is empty")]
-    EmptyRegion,
-    /// The block size is not a power of two of at least 4 KiB.
-    #[error("block size {block_size:#x} is not a power of two of at least 4 KiB")]
-    BadBlockSize {
-        /// The block size.
-        block_size: u64,
-    },
-    /// The region's address or size is not a multiple of the block size, or it wraps.
-    #[error("hotplug region {addr:#x}+{size:#x} is not aligned to the block size {block_size:#x}")]
-    RegionUnaligned {
-        /// Region address.
-        addr: u64,
-        /// Region size.
-        size: u64,
-        /// Block size.
-        block_size: u64,
-    },
-    /// The slot size is zero, not a multiple of the block size, or makes over 2^32 slots.
-    #[error("slot size {slot_size:#x} is not a multiple of the block size {block_size:#x}")]
-    BadSlotSize {
-        /// Slot size.
-        slot_size: u64,
-        /// Block size.
-        block_size: u64,
-    },
-    /// No address fits the region above guest RAM.
-    #[error("no room for a hotplug region of {region_size:#x} bytes")]
-    NoRoomForRegion {
-        /// Region size.
-        region_size: u64,
-    },
-    /// A user-given region address overlaps guest RAM or the MMIO hole.
-    #[error("the hotplug region {addr:#x}+{size:#x} overlaps guest RAM or the 3-4 GiB MMIO hole")]
-    RegionOverlaps {
-        /// Region address.
-        addr: u64,
-        /// Region size.
-        size: u64,
-    },
-    /// Mapping the region's host memory failed.
-    #[error("cannot map the hotplug region")]
-    Map(#[source] RamError),
-    /// The requested size is larger than the region.
-    #[error("requested size of {requested_mib} MiB is above the region size of {region_mib} MiB")]
-    RequestedSizeTooLarge {
-        /// Requested size in MiB.
-        requested_mib: u64,
-        /// Region size in MiB.
-        region_mib: u64,
-    },
-    /// The requested size is not a multiple of the block size.
-    #[error("requested size of {requested:#x} bytes is not a multiple of the block size {block_size:#x}")]
-    RequestedSizeUnaligned {
-        /// Requested size in bytes.
-        requested: u64,
-        /// Block size.
-        block_size: u64,
-    },
-    /// A request's address is not aligned to the block size.
-    #[error("request address {addr:#x} is not aligned to the block size {block_size:#x}")]
-    Unaligned {
-        /// Request address.
-        addr: u64,
-        /// Block size.
-        block_size: u64,
-    },
-    /// A request covers no block.
-    #[error("request at {addr:#x} covers zero blocks")]
-    ZeroBlocks {
-        /// Request address.
-        addr: u64,
-    },
-    /// A request covers blocks outside the usable region.
-    #[error("request {addr:#x} x{nb_blocks} blocks is outside the usable region")]
-    OutsideRegion {
-        /// Request address.
-        addr: u64,
-        /// Number of blocks.
-        nb_blocks: u16,
-    },
-    /// A PLUG covers a block that is already plugged.
-    #[error("plug of {addr:#x} x{nb_blocks} covers plugged blocks")]
-    AlreadyPlugged {
-        /// Request address.
-        addr: u64,
-        /// Number of blocks.
-        nb_blocks: u16,
-    },
-    /// An UNPLUG covers a block that is not plugged.
-    #[error("unplug of {addr:#x} x{nb_blocks} covers unplugged blocks")]
-    NotPlugged {
-        /// Request address.
-        addr: u64,
-        /// Number of blocks.
-        nb_blocks: u16,
-    },
-    /// A PLUG would take the plugged size above the requested size.
-    #[error("plug of {bytes:#x} bytes would exceed the requested size {requested:#x} (plugged {plugged:#x})")]
-    BeyondRequested {
-        /// Bytes the request plugs.
-        bytes: u64,
-        /// Bytes plugged already.
-        plugged: u64,
-        /// The requested size.
-        requested: u64,
-    },
-    /// The driver did not accept `VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE`, so nothing is plugged.
-    #[error("the driver did not accept VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE")]
-    UnpluggedAccessible,
-    /// A request of an unknown type.
-    #[error("unknown request type {request_type}")]
-    UnknownRequest {
-        /// The request's type field.
-        request_type: u16,
-    },
-    /// The chain's device-readable part is shorter than a request.
-    #[error("request of {len} bytes is shorter than 24")]
-    RequestTooShort {
-        /// Readable bytes in the chain.
-        len: u64,
-    },
-    /// The chain's device-writable part is shorter than a response.
-    #[error("response buffer of {len} bytes is shorter than 10")]
-    ResponseTooShort {
-        /// Writable bytes in the chain.
-        len: u64,
-    },
-    /// A device-readable descriptor follows a device-writable one.
-    #[error("device-readable descriptor after a device-writable one")]
-    ReadableAfterWritable,
-    /// A descriptor points outside guest memory.
-    #[error("descriptor at {addr:#x}+{len:#x} is outside guest memory")]
-    OutsideMemory {
-        /// Guest address.
-        addr: u64,
-        /// Length.
-        len: u32,
-    },
-    /// Adding or removing a memslot failed.
-    #[error("cannot {op} memslot {index}")]
-    Memslot {
-        /// "add" or "remove".
-        op: &'static str,
-        /// Slot index within the region.
-        index: u32,
-        /// What the memslot control said.
-        #[source]
-        source: io::Error,
-    },
-    /// Discarding unplugged memory failed.
-    #[error("cannot discard unplugged memory")]
-    Discard(#[source] RamError),
-    /// Reading or writing guest memory failed.
-    #[error("cannot access guest memory")]
-    Memory(#[source] vm_memory::GuestMemoryError),
-    /// Updating the virtqueue failed.
-    #[error("cannot update the virtqueue")]
-    Queue(#[source] virtio_queue::Error),
-    /// Raising an interrupt failed.
-    #[error("cannot raise the interrupt")]
-    Interrupt(#[source] VirtioError),
-    /// Creating or using an eventfd failed.
-    #[error("cannot set up the device's event sources")]
-    Event(#[source] io::Error),
-}
-
-impl VirtioMemError {
-    /// The guest's answer when a request fails this way: NACK for plugging beyond the requested
-    /// size, BUSY when the host could not do its part (the guest retries later), ERROR for
-    /// everything the request got wrong.
-    pub fn response(&self) -> Response {
-        match self {
-            VirtioMemError::BeyondRequested { .. } => Response::Nack,
-            VirtioMemError::Memslot { .. } | VirtioMemError::Discard(_) => Response::Busy,
-            _ => Response::Error,
-        }
-    }
-
-    /// Whether a control-plane request was wrong (an API 400), not the host.
-    pub fn is_bad_request(&self) -> bool {
-        matches!(
-            self,
-            VirtioMemError::RequestedSizeTooLarge { .. }
-                | VirtioMemError::RequestedSizeUnaligned { .. }
-        )
     }
 }
 
@@ -730,13 +512,11 @@ fn write_response(
     Ok(done as u32)
 }
 
-/// What the guest gave us at activation.
+/// What the guest gave us at activation (the queue eventfd is the lifecycle's).
 pub(crate) struct ActiveState {
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) interrupt: Arc<dyn VirtioInterrupt>,
     pub(crate) queue: Queue,
-    pub(crate) evt: EventFd,
-    pub(crate) evt_registered: bool,
 }
 
 /// The virtio-mem device.
@@ -745,10 +525,7 @@ pub struct VirtioMem {
     virtio: VirtioDeviceState,
     pub(crate) region: HotplugRegion,
     pub(crate) metrics: Arc<VirtioMemMetrics>,
-    pub(crate) activate_evt: EventFd,
-    pub(crate) active: Option<ActiveState>,
-    /// Queue eventfds of an earlier activation, still to be removed from the event loop.
-    pub(crate) retired_evts: Vec<EventFd>,
+    pub(crate) lifecycle: DeviceLifecycle<ActiveState>,
 }
 
 impl std::fmt::Debug for VirtioMem {
@@ -758,18 +535,20 @@ impl std::fmt::Debug for VirtioMem {
             .field("acked_features", &self.virtio.acked_features())
             .field("plugged_size", &self.region.plugged_size())
             .field("requested_size", &self.region.requested_size)
-            .field("active", &self.active.is_some())
+            .field("active", &self.lifecycle.is_activated())
             .finish_non_exhaustive()
     }
 }
 
 impl VirtioMem {
-    /// A device for the region `config` describes (placed: `region_addr` set). It maps the
-    /// region's host memory (anonymous, private, not reserved: nothing is resident until the
-    /// guest touches plugged memory) and makes parts of it visible to the guest through
-    /// `memslots` as blocks get plugged. Nothing is plugged and the requested size is 0.
+    /// A device for the region `config` describes (placed: `region_addr` set), whose memory is
+    /// `region`: one range covering exactly the region (the VMM maps it with
+    /// [`GuestRam::new`], or hands over its own backing). The device asks for transparent huge
+    /// pages behind it (blocks are huge-page sized) and makes parts of it visible to the guest
+    /// through `memslots` as blocks get plugged. Nothing is plugged and the requested size is 0.
     pub fn new(
         config: VirtioMemConfig,
+        region: GuestRam,
         memslots: Box<dyn MemslotControl>,
     ) -> Result<Self, VirtioMemError> {
         let addr = config.validate()?;
@@ -778,15 +557,14 @@ impl VirtioMem {
         let slot_size = config.slot_size.bytes();
         // usize is 64 bits on every host KVM runs on.
         let blocks = (size / block_size) as usize;
-        let ram = GuestRam::new(&[RamRange::new(addr, size)]).map_err(VirtioMemError::Map)?;
-        let host_base = ram
-            .host_ranges()
-            .first()
-            .map(|(_, ptr)| *ptr as u64)
-            .ok_or(VirtioMemError::EmptyRegion)?;
-        if let Err(e) = sys::advise_hugepages(&ram) {
+        let host_base = match region.host_ranges().as_slice() {
+            [(range, ptr)] if range.start.0 == addr && range.size == size => *ptr as u64,
+            _ => return Err(VirtioMemError::RegionMismatch { addr, size }),
+        };
+        let ram = region;
+        if let Err(e) = ram.set_hugepages(true) {
             tracing::info!("virtio-mem: no transparent huge pages for the region: {e}");
-        } else if host_base % sys::THP_SIZE != (addr % sys::THP_SIZE) {
+        } else if host_base % HUGE_PAGE_SIZE != (addr % HUGE_PAGE_SIZE) {
             tracing::info!(
                 "virtio-mem: region mapping at {host_base:#x} is not huge-page aligned like \
                  its guest address; blocks straddle huge pages"
@@ -816,9 +594,7 @@ impl VirtioMem {
                 metrics: metrics.clone(),
             },
             metrics,
-            activate_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(VirtioMemError::Event)?,
-            active: None,
-            retired_evts: Vec::new(),
+            lifecycle: DeviceLifecycle::new("virtio-mem").map_err(VirtioMemError::Event)?,
         })
     }
 
@@ -834,8 +610,7 @@ impl VirtioMem {
         self.config
     }
 
-    /// The region's host memory. Its `memory()` is the `GuestMemoryMmap` of the region, for the
-    /// VMM to join to guest RAM when devices must see plugged memory.
+    /// The region's host memory, as handed to [`VirtioMem::new`].
     pub fn ram(&self) -> &GuestRam {
         &self.region.ram
     }
@@ -869,7 +644,7 @@ impl VirtioMem {
         }
         self.region.requested_size = bytes;
         self.config_changed();
-        if let Some(active) = &self.active {
+        if let Some(active) = self.lifecycle.active() {
             if let Err(e) = active.interrupt.trigger(InterruptKind::Config) {
                 VirtioMemMetrics::add(&self.metrics.interrupt_failures, 1);
                 return Err(VirtioMemError::Interrupt(e));
@@ -907,7 +682,7 @@ impl VirtioMem {
             block_size_bytes: self.region.block_size,
             plugged_mib: self.region.plugged_size() / MIB,
             requested_mib: self.region.requested_size / MIB,
-            driver_active: self.active.is_some(),
+            driver_active: self.lifecycle.is_activated(),
         }
     }
 
@@ -949,7 +724,7 @@ impl VirtioMem {
         let inaccessible = self.unplugged_inaccessible();
         let VirtioMem {
             region,
-            active,
+            lifecycle,
             metrics,
             virtio,
             ..
@@ -958,8 +733,7 @@ impl VirtioMem {
             mem,
             interrupt,
             queue,
-            ..
-        }) = active.as_mut()
+        }) = lifecycle.active_mut()
         else {
             return Ok(());
         };
@@ -969,8 +743,10 @@ impl VirtioMem {
             let written = match process_chain(mem, chain) {
                 Ok(parts) => {
                     let before = region.plugged_size();
-                    let response =
-                        region.handle_request(parse_request(&parts.request), inaccessible);
+                    let response = region.handle_request(
+                        parse_request(&parts.request).map_err(VirtioMemError::from),
+                        inaccessible,
+                    );
                     if region.plugged_size() != before {
                         virtio.config_changed();
                     }
@@ -1037,8 +813,7 @@ impl VirtioDevice for VirtioMem {
             queue_evts,
             interrupt,
         } = activation;
-        let (Some(queue), Some(evt)) = (queues.into_iter().next(), queue_evts.into_iter().next())
-        else {
+        let Some(queue) = queues.into_iter().next() else {
             return Err(VirtioError::QueueCount {
                 expected: 1,
                 got: 0,
@@ -1053,32 +828,22 @@ impl VirtioDevice for VirtioMem {
                  its PLUG requests will be refused"
             );
         }
-        self.active = Some(ActiveState {
+        let state = ActiveState {
             mem,
             interrupt,
             queue,
-            evt,
-            evt_registered: false,
-        });
-        // The event loop adds the queue eventfd when it sees this.
-        self.activate_evt.write(1).map_err(VirtioError::EventFd)
+        };
+        self.lifecycle.activate(state, queue_evts)
     }
 
     fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.lifecycle.is_activated()
     }
 
     fn reset(&mut self) {
         // The specification forbids changing the state of blocks on a device reset: plugged
         // blocks, memslots and the requested size stay.
-        if let Some(active) = self.active.take() {
-            if active.evt_registered {
-                self.retired_evts.push(active.evt);
-                if let Err(e) = self.activate_evt.write(1) {
-                    tracing::error!("virtio-mem: cannot tell the event loop about the reset: {e}");
-                }
-            }
-        }
+        self.lifecycle.reset();
         self.virtio.reset();
     }
 }

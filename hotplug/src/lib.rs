@@ -10,25 +10,32 @@
 //! last block is unplugged; unplugged blocks' host memory is discarded.
 //!
 //! The device sees guest memory, its queue, the queue eventfd and an interrupt at activation,
-//! never the transport or KVM. Wiring, for the VMM: pick the region's address with
-//! [`VirtioMemConfig::placed`], build a [`VirtioMem`] with a `MemslotControl` backed by
-//! `KVM_SET_USER_MEMORY_REGION`, wrap it in `Arc<Mutex<_>>`, hand a clone to
-//! `devices::virtio::MmioTransport::new` and another to the event loop
-//! (`event_manager::EventManager::add_subscriber`). See `docs/virtio-mem.md`.
+//! never the transport or KVM. Wiring, for the VMM: place the region in the guest's address
+//! space (the VMM owns the layout), map its memory (a `memory::GuestRam` of the one range),
+//! build a [`VirtioMem`] with it and a `MemslotControl` backed by `KVM_SET_USER_MEMORY_REGION`,
+//! wrap it in `Arc<Mutex<_>>`, hand a clone to `devices::virtio::MmioTransport::new` and
+//! another to the event loop (`event_manager::EventManager::add_subscriber`). See
+//! `docs/virtio-mem.md`.
+//!
+//! Modules, lowest first: [`wire`] (the request and response formats), [`error`] (the device's
+//! errors and the guest's answer to each), [`util`] and [`bitmap`] (pure block and slot
+//! bookkeeping), [`metrics`], [`device`], then `event_handler` (the event-loop wiring).
 
 pub mod bitmap;
 pub mod device;
+pub mod error;
 pub mod event_handler;
 pub mod metrics;
-mod sys;
 pub mod util;
+pub mod wire;
 
 pub use device::{
-    Memslot, MemslotControl, VirtioMem, VirtioMemConfig, VirtioMemConfigSpace, VirtioMemError,
-    VirtioMemStatus, DEFAULT_BLOCK_SIZE, DEFAULT_SLOT_SIZE, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
+    Memslot, MemslotControl, VirtioMem, VirtioMemConfig, VirtioMemConfigSpace, VirtioMemStatus,
+    DEFAULT_BLOCK_SIZE, DEFAULT_SLOT_SIZE, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
 };
+pub use error::VirtioMemError;
 pub use metrics::VirtioMemMetrics;
-pub use util::{place_region, Request, Response};
+pub use wire::{Request, Response};
 
 #[cfg(test)]
 mod tests;

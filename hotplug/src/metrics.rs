@@ -4,6 +4,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use memory::Metric;
+
 /// What the device did, since it was created.
 #[derive(Debug, Default)]
 pub struct VirtioMemMetrics {
@@ -59,30 +61,105 @@ impl VirtioMemMetrics {
         max.fetch_max(ns, Ordering::Relaxed);
     }
 
-    /// Every counter as (name, value), names in Prometheus style without prefix.
-    pub fn values(&self) -> Vec<(&'static str, u64)> {
+    /// Every metric, as the exporter shows it (names in Prometheus style, without prefix): the
+    /// latency maxima are gauges, the rest counters. A flat table, one entry per metric: its
+    /// length is the number of metrics, not logic.
+    pub fn list(&self) -> Vec<Metric> {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         vec![
-            ("plugs_total", get(&self.plugs)),
-            ("unplugs_total", get(&self.unplugs)),
-            ("unplug_alls_total", get(&self.unplug_alls)),
-            ("state_requests_total", get(&self.state_requests)),
-            ("plugged_bytes_total", get(&self.plugged_bytes)),
-            ("unplugged_bytes_total", get(&self.unplugged_bytes)),
-            ("nacks_total", get(&self.nacks)),
-            ("errors_total", get(&self.errors)),
-            ("busy_total", get(&self.busy)),
-            ("bad_descriptors_total", get(&self.bad_descriptors)),
-            ("memslot_adds_total", get(&self.memslot_adds)),
-            ("memslot_removes_total", get(&self.memslot_removes)),
-            ("memslot_failures_total", get(&self.memslot_failures)),
-            ("discard_failures_total", get(&self.discard_failures)),
-            ("plug_latency_ns_total", get(&self.plug_latency_ns)),
-            ("plug_latency_ns_max", get(&self.plug_latency_ns_max)),
-            ("unplug_latency_ns_total", get(&self.unplug_latency_ns)),
-            ("unplug_latency_ns_max", get(&self.unplug_latency_ns_max)),
-            ("interrupt_failures_total", get(&self.interrupt_failures)),
+            Metric::counter(
+                "plugs_total",
+                "PLUG requests acknowledged.",
+                get(&self.plugs),
+            ),
+            Metric::counter(
+                "unplugs_total",
+                "UNPLUG requests acknowledged.",
+                get(&self.unplugs),
+            ),
+            Metric::counter(
+                "unplug_alls_total",
+                "UNPLUG_ALL requests acknowledged.",
+                get(&self.unplug_alls),
+            ),
+            Metric::counter(
+                "state_requests_total",
+                "STATE requests acknowledged.",
+                get(&self.state_requests),
+            ),
+            Metric::counter(
+                "plugged_bytes_total",
+                "Bytes plugged by acknowledged PLUG requests.",
+                get(&self.plugged_bytes),
+            ),
+            Metric::counter(
+                "unplugged_bytes_total",
+                "Bytes unplugged by acknowledged UNPLUG and UNPLUG_ALL requests.",
+                get(&self.unplugged_bytes),
+            ),
+            Metric::counter("nacks_total", "Requests answered NACK.", get(&self.nacks)),
+            Metric::counter(
+                "errors_total",
+                "Requests answered ERROR.",
+                get(&self.errors),
+            ),
+            Metric::counter("busy_total", "Requests answered BUSY.", get(&self.busy)),
+            Metric::counter(
+                "bad_descriptors_total",
+                "Descriptor chains refused.",
+                get(&self.bad_descriptors),
+            ),
+            Metric::counter(
+                "memslot_adds_total",
+                "Memslots added.",
+                get(&self.memslot_adds),
+            ),
+            Metric::counter(
+                "memslot_removes_total",
+                "Memslots removed.",
+                get(&self.memslot_removes),
+            ),
+            Metric::counter(
+                "memslot_failures_total",
+                "Memslot additions or removals that failed.",
+                get(&self.memslot_failures),
+            ),
+            Metric::counter(
+                "discard_failures_total",
+                "Discards of unplugged blocks that failed.",
+                get(&self.discard_failures),
+            ),
+            Metric::counter(
+                "plug_latency_ns_total",
+                "Host time of acknowledged PLUG requests, nanoseconds.",
+                get(&self.plug_latency_ns),
+            ),
+            Metric::level(
+                "plug_latency_ns_max",
+                "Longest host time of one PLUG request, nanoseconds.",
+                get(&self.plug_latency_ns_max),
+            ),
+            Metric::counter(
+                "unplug_latency_ns_total",
+                "Host time of acknowledged UNPLUG and UNPLUG_ALL requests, nanoseconds.",
+                get(&self.unplug_latency_ns),
+            ),
+            Metric::level(
+                "unplug_latency_ns_max",
+                "Longest host time of one UNPLUG or UNPLUG_ALL request, nanoseconds.",
+                get(&self.unplug_latency_ns_max),
+            ),
+            Metric::counter(
+                "interrupt_failures_total",
+                "Interrupts that could not be raised.",
+                get(&self.interrupt_failures),
+            ),
         ]
+    }
+
+    /// Every metric as (name, value), names as in [`VirtioMemMetrics::list`].
+    pub fn values(&self) -> Vec<(&'static str, u64)> {
+        self.list().iter().map(|m| (m.name, m.as_u64())).collect()
     }
 }
 
@@ -98,6 +175,19 @@ mod tests {
         assert_eq!(values.len(), 19);
         assert!(values.contains(&("nacks_total", 2)));
         assert!(values.contains(&("plugs_total", 0)));
+    }
+
+    #[test]
+    fn latency_maxima_are_gauges_and_the_rest_counters() {
+        let m = VirtioMemMetrics::default();
+        for metric in m.list() {
+            let expected = if metric.name.ends_with("_max") {
+                memory::MetricKind::Gauge
+            } else {
+                memory::MetricKind::Counter
+            };
+            assert_eq!(metric.kind(), expected, "{}", metric.name);
+        }
     }
 
     #[test]

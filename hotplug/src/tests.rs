@@ -2,12 +2,12 @@
 //! discards go to fakes that record what they were asked.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use devices::virtio::fake::FakeInterrupt;
 use devices::virtio::{Activation, InterruptKind, VirtioDevice, VIRTIO_F_VERSION_1};
-use memory::{DiscardRam, RamError};
+use memory::test_utils::FakeDiscard;
+use memory::{GuestRam, RamRange};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
@@ -15,7 +15,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::*;
-use crate::util::*;
+use crate::wire::*;
 
 const MIB: u64 = 1 << 20;
 const REGION: u64 = 4 << 30;
@@ -90,29 +90,6 @@ impl MemslotControl for FakeMemslots {
     }
 }
 
-/// Records discarded ranges; can be told to fail.
-#[derive(Debug, Default)]
-struct FakeDiscard {
-    ranges: Mutex<Vec<(u64, u64)>>,
-    fail: AtomicBool,
-}
-
-impl FakeDiscard {
-    fn ranges(&self) -> Vec<(u64, u64)> {
-        self.ranges.lock().expect("lock").clone()
-    }
-}
-
-impl DiscardRam for FakeDiscard {
-    fn discard_range(&self, addr: GuestAddress, len: u64) -> Result<(), RamError> {
-        if self.fail.load(Ordering::Relaxed) {
-            return Err(RamError::NotRam { addr: addr.0, len });
-        }
-        self.ranges.lock().expect("lock").push((addr.0, len));
-        Ok(())
-    }
-}
-
 fn config() -> VirtioMemConfig {
     VirtioMemConfig {
         region_addr: Some(REGION),
@@ -120,8 +97,14 @@ fn config() -> VirtioMemConfig {
     }
 }
 
+/// The memory of the region `c` describes, mapped as the VMM maps it.
+fn region_of(c: &VirtioMemConfig) -> GuestRam {
+    let addr = c.region_addr.expect("placed");
+    GuestRam::new(&[RamRange::new(addr, c.region_size.bytes())]).expect("region memory")
+}
+
 fn device(memslots: FakeMemslots) -> VirtioMem {
-    VirtioMem::new(config(), Box::new(memslots)).expect("device")
+    VirtioMem::new(config(), region_of(&config()), Box::new(memslots)).expect("device")
 }
 
 struct Harness {
@@ -404,7 +387,7 @@ fn last_slot_of_a_region_not_a_multiple_of_the_slot_size_is_shorter() {
         ..VirtioMemConfig::new(SLOT + 8 * MIB)
     };
     let mut h = Harness::new();
-    h.dev = VirtioMem::new(cfg, Box::new(memslots.clone()))
+    h.dev = VirtioMem::new(cfg, region_of(&cfg), Box::new(memslots.clone()))
         .expect("device")
         .with_discard(h.discard.clone());
     h.dev.set_acked_features(u64::MAX);
@@ -666,9 +649,13 @@ fn memslot_add_failure_on_the_second_slot_removes_the_first_again() {
         }
     }
     let fake = FakeMemslots::default();
-    h.dev = VirtioMem::new(config(), Box::new(FailSecond(fake.clone(), 0)))
-        .expect("device")
-        .with_discard(h.discard.clone());
+    h.dev = VirtioMem::new(
+        config(),
+        region_of(&config()),
+        Box::new(FailSecond(fake.clone(), 0)),
+    )
+    .expect("device")
+    .with_discard(h.discard.clone());
     h.dev.set_acked_features(u64::MAX);
     h.dev
         .activate(Activation {
@@ -705,7 +692,7 @@ fn discard_failure_answers_busy_and_keeps_the_blocks_plugged() {
     let mut h = Harness::new();
     h.request(64 * MIB);
     assert_eq!(h.plug(block(0), 2), RESP_ACK);
-    h.discard.fail.store(true, Ordering::Relaxed);
+    h.discard.set_failing(true);
     assert_eq!(h.unplug(block(0), 1), RESP_BUSY);
     assert_eq!(h.send(Request::UnplugAll).0, RESP_BUSY);
     assert_eq!(h.dev.plugged_size(), 4 * MIB);
@@ -955,7 +942,10 @@ fn config_parses_sizes_defaults_and_rejects_unknown_fields() {
 
 #[test]
 fn bad_configurations_are_refused() {
-    let new = |c: VirtioMemConfig| VirtioMem::new(c, Box::new(FakeMemslots::default()));
+    // Each configuration is refused before the memory is looked at.
+    let new = |c: VirtioMemConfig| {
+        VirtioMem::new(c, region_of(&config()), Box::new(FakeMemslots::default()))
+    };
     assert!(matches!(
         new(VirtioMemConfig::new(REGION_SIZE)),
         Err(VirtioMemError::RegionNotPlaced)
@@ -1009,41 +999,25 @@ fn bad_configurations_are_refused() {
 }
 
 #[test]
-fn placed_config_goes_above_ram() {
-    let c = VirtioMemConfig::new(1 << 30)
-        .placed(&[(0, 3 << 30), (4 << 30, 1 << 30)])
-        .expect("placed");
-    assert_eq!(c.region_addr, Some(5 << 30));
-    let fixed = config().placed(&[(0, 1 << 30)]).expect("kept");
-    assert_eq!(
-        fixed.region_addr,
-        Some(REGION),
-        "an explicit address is kept"
-    );
-}
-
-#[test]
-fn an_explicit_region_overlapping_ram_or_the_mmio_hole_is_refused() {
-    for ram in [
-        &[(0u64, 8u64 << 30)][..],
-        &[(0, 1 << 30), (REGION + MIB, 1 << 30)][..],
-    ] {
-        assert!(
-            matches!(
-                config().placed(ram),
-                Err(VirtioMemError::RegionOverlaps { .. })
-            ),
-            "{ram:?}"
-        );
+fn memory_that_is_not_exactly_the_region_is_refused() {
+    let new =
+        |region: GuestRam| VirtioMem::new(config(), region, Box::new(FakeMemslots::default()));
+    let short = GuestRam::new(&[RamRange::new(REGION, REGION_SIZE - BLOCK)]).expect("map");
+    let elsewhere = GuestRam::new(&[RamRange::new(REGION + SLOT, REGION_SIZE)]).expect("map");
+    let split = GuestRam::new(&[
+        RamRange::new(REGION, SLOT),
+        RamRange::new(REGION + SLOT, REGION_SIZE - SLOT),
+    ])
+    .expect("map");
+    for region in [short, elsewhere, split] {
+        assert!(matches!(
+            new(region),
+            Err(VirtioMemError::RegionMismatch {
+                addr: REGION,
+                size: REGION_SIZE
+            })
+        ));
     }
-    let in_hole = VirtioMemConfig {
-        region_addr: Some(0xc000_0000 - 128 * MIB),
-        ..VirtioMemConfig::new(256 * MIB)
-    };
-    assert!(matches!(
-        in_hole.placed(&[(0, 1 << 30)]),
-        Err(VirtioMemError::RegionOverlaps { .. })
-    ));
 }
 
 devices::virtio_device_conformance_tests!(device(FakeMemslots::default()));

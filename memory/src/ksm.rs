@@ -134,6 +134,23 @@ pub struct KsmCounters {
     pub full_scans: u64,
 }
 
+impl KsmCounters {
+    /// The counters as metrics (names to go after an exporter's `host_ksm_` prefix): the page
+    /// figures are levels, `full_scans` only goes up.
+    pub fn metrics(&self) -> Vec<crate::Metric> {
+        use crate::Metric;
+        vec![
+            Metric::level("pages_shared", "KSM pages in use.", self.pages_shared),
+            Metric::level(
+                "pages_sharing",
+                "Mappings sharing a KSM page beyond the first.",
+                self.pages_sharing,
+            ),
+            Metric::counter("full_scans_total", "Completed KSM passes.", self.full_scans),
+        ]
+    }
+}
+
 /// Host KSM control.
 #[derive(Debug, Clone)]
 pub struct Ksm {

@@ -56,6 +56,9 @@ pub enum RamError {
 /// The host page size this crate assumes for guest RAM bookkeeping.
 pub const PAGE_SIZE: u64 = 4096;
 
+/// Size of a transparent huge page on x86_64 ([`GuestRam::set_hugepages`]).
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+
 /// One contiguous range of guest physical memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RamRange {
@@ -142,6 +145,27 @@ impl GuestRam {
     /// The guest memory, for devices and loaders.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
+    }
+
+    /// Guest memory made of this RAM's regions and `other`'s (the same host mappings, nothing
+    /// copied): what a device sees when the guest may hand it buffers in either, e.g. in guest
+    /// RAM and in a hotplug region.
+    pub fn joined(&self, other: &GuestRam) -> Result<GuestMemoryMmap, RamError> {
+        let mut mem = self.mem.clone();
+        for r in &other.ranges {
+            // Taking a region out of `other`'s collection hands back its `Arc` and leaves
+            // `other` as it is (collections are immutable).
+            let (_, region) =
+                other
+                    .mem
+                    .remove_region(r.start, r.size)
+                    .map_err(|_| RamError::NotRam {
+                        addr: r.start.0,
+                        len: r.size,
+                    })?;
+            mem = mem.insert_region(region).map_err(|_| RamError::Overlap)?;
+        }
+        Ok(mem)
     }
 
     /// The ranges this RAM covers.
@@ -325,6 +349,28 @@ mod tests {
             ram.discard(GuestAddress(100), 4096),
             Err(RamError::BadRange { .. })
         ));
+    }
+
+    #[test]
+    fn joined_memory_sees_both_and_overlaps_are_refused() {
+        let ram = GuestRam::new(&[RamRange::new(0, 1 << 20)]).expect("ram");
+        let region = GuestRam::new(&[RamRange::new(4 << 20, 2 << 20)]).expect("region");
+        let both = ram.joined(&region).expect("disjoint");
+        both.write_obj(0x5au8, GuestAddress((4 << 20) + 7))
+            .expect("write through the joined view");
+        let back: u8 = region
+            .memory()
+            .read_obj(GuestAddress((4 << 20) + 7))
+            .expect("read");
+        assert_eq!(back, 0x5a, "the same host memory");
+        assert_eq!(ram.ranges().len(), 1, "ram itself is unchanged");
+        assert_eq!(
+            region.memory().num_regions(),
+            1,
+            "region itself is unchanged"
+        );
+        let overlapping = GuestRam::new(&[RamRange::new(0, 2 << 20)]).expect("overlapping");
+        assert!(matches!(ram.joined(&overlapping), Err(RamError::Overlap)));
     }
 
     #[test]

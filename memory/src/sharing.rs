@@ -22,10 +22,12 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::clock::{Clock, MonotonicClock};
 use crate::ram::{GuestRam, PAGE_SIZE};
 
 // ------------------------------------------------------------------------------------------------
@@ -388,22 +390,22 @@ struct Pacer {
 }
 
 impl Pacer {
-    fn new(max_pages_per_s: Option<u64>) -> Self {
+    fn new(max_pages_per_s: Option<u64>, clock: &dyn Clock) -> Self {
         Pacer {
             pages_per_s: max_pages_per_s.filter(|&r| r > 0).map(|r| r as f64),
             tokens: CHUNK_PAGES as f64,
-            last: Instant::now(),
+            last: clock.now(),
         }
     }
 
-    /// Blocks until `pages` pages may be sampled.
-    fn acquire(&mut self, pages: usize) {
+    /// Blocks (on `clock`) until `pages` pages may be sampled.
+    fn acquire(&mut self, pages: usize, clock: &dyn Clock) {
         let Some(rate) = self.pages_per_s else {
             return;
         };
         let pages = pages as f64;
         loop {
-            let now = Instant::now();
+            let now = clock.now();
             let refill = now.duration_since(self.last).as_secs_f64() * rate;
             self.tokens = (self.tokens + refill).min((CHUNK_PAGES as f64).max(pages));
             self.last = now;
@@ -411,7 +413,7 @@ impl Pacer {
                 self.tokens -= pages;
                 return;
             }
-            std::thread::sleep(Duration::from_secs_f64((pages - self.tokens) / rate));
+            clock.sleep(Duration::from_secs_f64((pages - self.tokens) / rate));
         }
     }
 }
@@ -524,6 +526,7 @@ pub struct SharingSampler {
     config: SharingConfig,
     files: Result<Files, String>,
     rng: SplitMix64,
+    clock: Arc<dyn Clock>,
     pacer: Pacer,
     bytes: Vec<u8>,
     entries: Vec<u64>,
@@ -561,10 +564,19 @@ impl SharingSampler {
             config,
             files,
             rng: SplitMix64(config.seed),
-            pacer: Pacer::new(config.max_pages_per_s),
+            pacer: Pacer::new(config.max_pages_per_s, &MonotonicClock),
+            clock: Arc::new(MonotonicClock),
             bytes: Vec::new(),
             entries: Vec::new(),
         }
+    }
+
+    /// The same sampler timing itself and waiting for its page budget on `clock` instead of
+    /// the host's monotonic clock (tests).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.pacer = Pacer::new(self.config.max_pages_per_s, &*clock);
+        self.clock = clock;
+        self
     }
 
     /// The configuration.
@@ -587,7 +599,7 @@ impl SharingSampler {
         &mut self,
         ranges: &[HostRange],
     ) -> Result<SharingReport, SharingError> {
-        let started = Instant::now();
+        let started = self.clock.now();
         if let Err(reason) = &self.files {
             return Ok(SharingReport::Unavailable {
                 reason: reason.clone(),
@@ -625,7 +637,7 @@ impl SharingSampler {
 
         let mut tally = Tally::default();
         for chunk in vpns.chunks(CHUNK_PAGES) {
-            self.pacer.acquire(chunk.len());
+            self.pacer.acquire(chunk.len(), &*self.clock);
             match self.sample_chunk(chunk, &mut tally) {
                 Ok(()) => {}
                 Err(e) => {
@@ -643,7 +655,7 @@ impl SharingSampler {
             });
         }
         Ok(SharingReport::Measured(
-            tally.into_stats(guest_pages, started.elapsed()),
+            tally.into_stats(guest_pages, self.clock.now() - started),
         ))
     }
 
@@ -731,8 +743,9 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
-    use crate::ksm::{Ksm, KsmError};
+    use crate::ksm::Ksm;
     use crate::ram::RamRange;
+    use crate::test_utils::FakeClock;
 
     /// Held by every test that changes host KSM settings, so that no two of them overlap.
     static KSM_SETTINGS: Mutex<()> = Mutex::new(());
@@ -749,26 +762,6 @@ mod tests {
             max_pages_per_s: None,
             seed: 7,
         }
-    }
-
-    fn is_root() -> bool {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        unsafe { libc::geteuid() == 0 }
-    }
-
-    /// As root, true. Otherwise checks that `sampler` reports "unavailable" and returns false:
-    /// the test then has nothing more to measure.
-    fn root_or_unavailable(sampler: &mut SharingSampler) -> bool {
-        if is_root() {
-            return true;
-        }
-        let ram = GuestRam::new(&[RamRange::new(0, 1 << 20)]).expect("map");
-        let report = sampler.sample(&ram).expect("unavailable is not an error");
-        assert!(
-            matches!(report, SharingReport::Unavailable { .. }),
-            "{report:?}"
-        );
-        false
     }
 
     // -- metrics --------------------------------------------------------------------------------
@@ -1012,10 +1005,8 @@ mod tests {
 
     #[test]
     fn sharing_private_pages_have_count_one() {
+        crate::require!(Root);
         let mut sampler = SharingSampler::new(exact_config());
-        if !root_or_unavailable(&mut sampler) {
-            return;
-        }
         // 1,024 pages: 512 written, 256 only read (the shared zero page), 256 untouched.
         let ram = GuestRam::new(&[RamRange::new(0, 2 << 20), RamRange::new(8 << 20, 2 << 20)])
             .expect("map");
@@ -1057,14 +1048,12 @@ mod tests {
 
     #[test]
     fn sharing_partial_sample_estimates_the_whole_vm() {
+        crate::require!(Root);
         let mut sampler = SharingSampler::new(SharingConfig {
             sample_pages: 2048,
             max_pages_per_s: None,
             seed: 99,
         });
-        if !root_or_unavailable(&mut sampler) {
-            return;
-        }
         // 32 MiB, the first quarter written: a 2,048-page sample should say about 8 MiB.
         let ram = GuestRam::new(&[RamRange::new(0, 32 << 20)]).expect("map");
         for page in 0..2048u64 {
@@ -1083,29 +1072,73 @@ mod tests {
         assert!(off < 5.0 * s.reclaimable.stderr_bytes as f64, "{s:?}");
     }
 
+    /// Seconds a [`FakeClock`] slept, within a microsecond of `want` (the pacer's float
+    /// arithmetic may round a wait down by a nanosecond and top it up with another).
+    fn assert_slept(clock: &FakeClock, want_s: f64) {
+        let slept = clock.slept().as_secs_f64();
+        assert!(
+            (slept - want_s).abs() < 1e-6,
+            "slept {slept} s, want {want_s} s"
+        );
+    }
+
+    #[test]
+    fn sharing_pacer_waits_exactly_for_the_pages_over_budget() {
+        let clock = FakeClock::new();
+        let mut pacer = Pacer::new(Some(20_000), &clock);
+        for _ in 0..16 {
+            pacer.acquire(CHUNK_PAGES, &clock);
+        }
+        // The first chunk is the burst; each of the other 15 waits 512 / 20,000 s.
+        assert_slept(&clock, 15.0 * CHUNK_PAGES as f64 / 20_000.0);
+    }
+
+    #[test]
+    fn sharing_pacer_does_not_wait_when_time_has_refilled_the_budget() {
+        let clock = FakeClock::new();
+        let mut pacer = Pacer::new(Some(1_000), &clock);
+        pacer.acquire(CHUNK_PAGES, &clock);
+        clock.advance(Duration::from_secs(1));
+        pacer.acquire(CHUNK_PAGES, &clock);
+        assert_slept(&clock, 0.0);
+        // The budget does not bank more than one burst: after 10 s idle, two chunks still wait.
+        clock.advance(Duration::from_secs(10));
+        pacer.acquire(CHUNK_PAGES, &clock);
+        pacer.acquire(CHUNK_PAGES, &clock);
+        assert_slept(&clock, CHUNK_PAGES as f64 / 1_000.0);
+    }
+
+    #[test]
+    fn sharing_pacer_without_a_budget_never_waits() {
+        let clock = FakeClock::new();
+        let mut pacer = Pacer::new(None, &clock);
+        for _ in 0..100 {
+            pacer.acquire(CHUNK_PAGES, &clock);
+        }
+        assert_eq!(clock.slept(), Duration::ZERO);
+    }
+
     #[test]
     fn sharing_page_budget_bounds_the_sampling_rate() {
+        crate::require!(Root);
         let ram = GuestRam::new(&[RamRange::new(0, 16 << 20)]).expect("map");
+        let clock = Arc::new(FakeClock::new());
         let mut sampler = SharingSampler::new(SharingConfig {
             sample_pages: 4096,
             max_pages_per_s: Some(20_000),
             seed: 1,
-        });
-        if !root_or_unavailable(&mut sampler) {
-            return;
-        }
-        let started = Instant::now();
-        for _ in 0..2 {
-            sampler.sample(&ram).expect("sample");
-        }
-        // 8,192 pages at 20,000 a second, less the one-chunk burst: at least 384 ms.
-        let min = (8192 - CHUNK_PAGES) as f64 / 20_000.0;
-        let took = started.elapsed().as_secs_f64();
-        assert!(
-            took >= min,
-            "took {took} s, budget allows no less than {min} s"
-        );
-        assert!(took < min * 3.0 + 1.0, "took {took} s");
+        })
+        .with_clock(clock.clone());
+        let first = sampler.sample(&ram).expect("sample");
+        let second = sampler.sample(&ram).expect("sample");
+        // 8,192 pages at 20,000 a second, less the one-chunk burst: 384 ms of waiting, all of
+        // it inside the reports' sample times (the fake clock moves only when the pacer waits).
+        assert_slept(&clock, (8192 - CHUNK_PAGES) as f64 / 20_000.0);
+        let sampled_us: u64 = [first, second]
+            .iter()
+            .map(|r| r.stats().expect("root can read counts").sample_time_us)
+            .sum();
+        assert_eq!(sampled_us, clock.slept().as_micros() as u64);
     }
 
     /// Fills page `i` of `ram` with a pattern that depends on `seed` and `i` only, so that two
@@ -1127,6 +1160,7 @@ mod tests {
 
     #[test]
     fn sharing_ksm_merges_identical_regions_to_count_two() {
+        crate::require!(Root);
         let _lock = KSM_SETTINGS.lock().unwrap_or_else(|e| e.into_inner());
         let mut sampler = SharingSampler::new(SharingConfig {
             sample_pages: 1024,
@@ -1136,18 +1170,6 @@ mod tests {
         let size = 16u64 << 20;
         let a = GuestRam::new(&[RamRange::new(0, size)]).expect("map a");
         let b = GuestRam::new(&[RamRange::new(0, size)]).expect("map b");
-        if !is_root() {
-            let report = sampler.sample(&a).expect("unavailable is not an error");
-            assert!(
-                matches!(report, SharingReport::Unavailable { .. }),
-                "{report:?}"
-            );
-            assert!(matches!(
-                Ksm::open().and_then(|k| k.enable(100, 20)),
-                Err(KsmError::PermissionDenied { .. } | KsmError::Unavailable { .. })
-            ));
-            return;
-        }
         let ksm = Ksm::open().expect("KSM is available on the test hosts (ENVIRONMENT.md)");
         let settings_before = ksm.settings().expect("read KSM settings");
         let seed = std::time::SystemTime::now()

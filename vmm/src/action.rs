@@ -308,182 +308,9 @@ pub trait ActionHandler: Send + Sync {
     fn handle(&self, vm_id: Option<&str>, action: Action) -> Result<ActionReply, ActionError>;
 }
 
-/// An [`ActionHandler`] without a VM, for tests and benchmarks of the front doors.
-pub mod fake {
-    use std::sync::Mutex;
-
-    use super::*;
-    use crate::metrics::PromText;
-
-    /// A VM that exists only as data.
-    #[derive(Clone, Debug)]
-    struct FakeVm {
-        info: VmInfo,
-        balloon_target_mib: u64,
-    }
-
-    /// Holds VMs as plain data and applies actions to them the way the real handler must:
-    /// unknown ids are [`ActionError::NotFound`], pausing a paused VM and acting on a stopped
-    /// one are [`ActionError::Conflict`]. Records every action it is given.
-    #[derive(Debug)]
-    pub struct FakeHandler {
-        vms: Mutex<Vec<FakeVm>>,
-        log: Mutex<Vec<(Option<String>, Action)>>,
-    }
-
-    impl FakeHandler {
-        /// Running VMs with these ids, each with the default configuration.
-        pub fn new(ids: &[&str]) -> Self {
-            let vms = ids
-                .iter()
-                .map(|id| {
-                    let config = VmConfig {
-                        initrd: Some("/guest/initramfs.cpio.gz".into()),
-                        ..VmConfig::new("/guest/vmlinux")
-                    };
-                    let boot_mib = config.memory.bytes() >> 20;
-                    FakeVm {
-                        balloon_target_mib: 0,
-                        info: VmInfo {
-                            id: (*id).to_owned(),
-                            config,
-                            state: VmState::Running,
-                            memory: MemoryInfo {
-                                boot_mib,
-                                guest_visible_mib: boot_mib,
-                                host_resident_mib: boot_mib / 4,
-                                ballooned_mib: 0,
-                                plugged_mib: 0,
-                                swapped_mib: 0,
-                            },
-                        },
-                    }
-                })
-                .collect();
-            FakeHandler {
-                vms: Mutex::new(vms),
-                log: Mutex::new(Vec::new()),
-            }
-        }
-
-        /// The actions handled so far, oldest first.
-        pub fn actions(&self) -> Vec<(Option<String>, Action)> {
-            self.log.lock().expect("fake handler log poisoned").clone()
-        }
-
-        /// The current state of VM `id`.
-        pub fn state(&self, id: &str) -> Option<VmState> {
-            let vms = self.vms.lock().expect("fake handler VMs poisoned");
-            vms.iter().find(|v| v.info.id == id).map(|v| v.info.state)
-        }
-
-        fn metrics(vms: &[FakeVm]) -> String {
-            let mut text = PromText::new();
-            text.vmm_resident();
-            for vm in vms {
-                text.guest_ram_resident(&vm.info.id, vm.info.memory.host_resident_mib << 20);
-                text.counter(
-                    "memvisor_vm_exits_total",
-                    "VM exits by reason.",
-                    &[("vm", vm.info.id.as_str()), ("reason", "io_out")],
-                    42,
-                );
-            }
-            text.finish()
-        }
-    }
-
-    impl ActionHandler for FakeHandler {
-        fn handle(&self, vm_id: Option<&str>, action: Action) -> Result<ActionReply, ActionError> {
-            self.log
-                .lock()
-                .expect("fake handler log poisoned")
-                .push((vm_id.map(str::to_owned), action.clone()));
-            let mut vms = self.vms.lock().expect("fake handler VMs poisoned");
-            if !action.targets_vm() {
-                return Ok(match action {
-                    Action::Metrics => ActionReply::Metrics(Self::metrics(&vms)),
-                    Action::GetHost => ActionReply::Json(serde_json::json!({
-                        "ksm": {"status": "unavailable", "reason": "fake handler"}
-                    })),
-                    _ => ActionReply::VmList(VmList {
-                        vms: vms.iter().map(|v| v.info.clone()).collect(),
-                    }),
-                });
-            }
-            let id = vm_id.ok_or_else(|| ActionError::BadRequest("a VM id is required".into()))?;
-            let vm = vms
-                .iter_mut()
-                .find(|v| v.info.id == id)
-                .ok_or_else(|| ActionError::NotFound(id.to_owned()))?;
-            match action {
-                Action::GetVm => Ok(ActionReply::Vm(vm.info.clone())),
-                Action::SetState(target) => {
-                    let target = VmState::from(target);
-                    match vm.info.state {
-                        VmState::Stopped | VmState::Created => {
-                            Err(ActionError::Conflict(format!("{id} is {}", vm.info.state)))
-                        }
-                        s if s == target => {
-                            Err(ActionError::Conflict(format!("{id} is already {s}")))
-                        }
-                        _ => {
-                            vm.info.state = target;
-                            Ok(ActionReply::Vm(vm.info.clone()))
-                        }
-                    }
-                }
-                Action::Shutdown => {
-                    if vm.info.state == VmState::Stopped {
-                        return Err(ActionError::Conflict(format!("{id} is already stopped")));
-                    }
-                    vm.info.state = VmState::Stopped;
-                    Ok(ActionReply::Accepted)
-                }
-                Action::SetBalloon(req) => {
-                    if req.target_mib > vm.info.memory.boot_mib {
-                        return Err(ActionError::BadRequest(format!(
-                            "balloon target {} MiB exceeds the VM's {} MiB",
-                            req.target_mib, vm.info.memory.boot_mib
-                        )));
-                    }
-                    vm.balloon_target_mib = req.target_mib;
-                    Ok(ActionReply::Balloon(BalloonInfo {
-                        target_mib: req.target_mib,
-                        actual_mib: 0,
-                    }))
-                }
-                Action::GetBalloon => Ok(ActionReply::Balloon(BalloonInfo {
-                    target_mib: vm.balloon_target_mib,
-                    actual_mib: 0,
-                })),
-                Action::GetBalloonStats => Ok(ActionReply::BalloonStats(BalloonStatsInfo {
-                    age_ms: None,
-                    stats: Default::default(),
-                })),
-                Action::GetSharing => Ok(ActionReply::Json(serde_json::json!({
-                    "status": "unavailable", "reason": "fake handler"
-                }))),
-                Action::SetMemory(_) | Action::GetMemory => Err(ActionError::BadRequest(format!(
-                    "{id} has no virtio-mem device (start it with --hotplug)"
-                ))),
-                Action::SetSwap(SwapRequest { target_mib }) => Ok(ActionReply::Swap {
-                    status: serde_json::json!({
-                        "state": "idle", "armed": true, "busy": true, "target_mib": target_mib
-                    }),
-                    accepted: true,
-                }),
-                Action::GetSwap => Ok(ActionReply::Swap {
-                    status: serde_json::json!({"state": "idle", "armed": false, "busy": false}),
-                    accepted: false,
-                }),
-                Action::ListVms | Action::Metrics | Action::GetHost => {
-                    unreachable!("handled above: these take no VM id")
-                }
-            }
-        }
-    }
-}
+/// An [`ActionHandler`] without a VM that records what it is asked (feature `test-utils`).
+#[cfg(any(test, feature = "test-utils"))]
+pub mod fake;
 
 #[cfg(test)]
 mod tests {
@@ -548,15 +375,25 @@ mod tests {
     }
 
     #[test]
-    fn fake_pausing_a_paused_vm_is_a_conflict() {
+    fn fake_answers_what_it_is_told_then_from_the_action_alone() {
         let h = FakeHandler::new(&["vm0"]);
-        h.handle(Some("vm0"), Action::SetState(RunState::Paused))
-            .expect("first pause");
-        let e = h
-            .handle(Some("vm0"), Action::SetState(RunState::Paused))
-            .expect_err("second pause");
-        assert_eq!(e, ActionError::Conflict("vm0 is already paused".into()));
-        assert_eq!(h.state("vm0"), Some(VmState::Paused));
+        h.answer_next(Err(ActionError::Conflict("scripted".into())));
+        let pause = Action::SetState(RunState::Paused);
+        assert_eq!(
+            h.handle(Some("vm0"), pause.clone()),
+            Err(ActionError::Conflict("scripted".into()))
+        );
+        let Ok(ActionReply::Vm(info)) = h.handle(Some("vm0"), pause.clone()) else {
+            panic!("expected a VM");
+        };
+        assert_eq!(info.state, VmState::Paused, "the state asked for");
+        assert_eq!(
+            h.actions(),
+            vec![
+                (Some("vm0".into()), pause.clone()),
+                (Some("vm0".into()), pause)
+            ]
+        );
     }
 
     #[test]

@@ -8,7 +8,6 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use clap::{Args, Subcommand};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -189,24 +188,63 @@ pub fn command_request(command: &CtlCommand) -> (Method, String, Option<Vec<u8>>
 /// How often `ctl swap SIZE` polls until the swapper is done.
 const SWAP_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// Why a `memvisor ctl` command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    /// The API could not be reached or the exchange failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The API refused the request.
+    #[error("{message} ({status} for {method} {path})")]
+    Refused {
+        /// The API's error text.
+        message: String,
+        /// The HTTP status.
+        status: StatusCode,
+        /// The request's method.
+        method: Method,
+        /// The request's path.
+        path: String,
+    },
+    /// The reply was not what the command expects.
+    #[error("unexpected reply to {method} {path}")]
+    UnexpectedReply {
+        /// The request's method.
+        method: Method,
+        /// The request's path.
+        path: String,
+        /// Why it could not be read.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The output could not be written.
+    #[error("cannot write the output")]
+    Output(#[from] std::io::Error),
+}
+
+fn refused(reply: &HttpReply, method: &Method, path: &str) -> CtlError {
+    CtlError::Refused {
+        message: reply.error_text(),
+        status: reply.status,
+        method: method.clone(),
+        path: path.to_owned(),
+    }
+}
+
 /// Runs one `memvisor ctl` command, printing to stdout.
-pub fn run_ctl(args: &CtlArgs) -> anyhow::Result<()> {
+pub fn run_ctl(args: &CtlArgs) -> Result<(), CtlError> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     run_ctl_to(args, &mut out)
 }
 
 /// Runs one `memvisor ctl` command, printing to `out`.
-pub fn run_ctl_to(args: &CtlArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+pub fn run_ctl_to(args: &CtlArgs, out: &mut dyn Write) -> Result<(), CtlError> {
     let mut client = ApiClient::new(&args.api_socket)?;
     let (method, path, body) = command_request(&args.command);
     let mut reply = client.request(method.clone(), &path, body)?;
     if !reply.status.is_success() {
-        anyhow::bail!(
-            "{} ({} for {method} {path})",
-            reply.error_text(),
-            reply.status
-        );
+        return Err(refused(&reply, &method, &path));
     }
     if let CtlCommand::Swap {
         size: Some(_),
@@ -223,7 +261,7 @@ pub fn run_ctl_to(args: &CtlArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             std::thread::sleep(SWAP_POLL);
             reply = client.request(Method::GET, &path, None)?;
             if !reply.status.is_success() {
-                anyhow::bail!("{} ({} for GET {path})", reply.error_text(), reply.status);
+                return Err(refused(&reply, &Method::GET, &path));
             }
         }
     }
@@ -234,8 +272,11 @@ pub fn run_ctl_to(args: &CtlArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let text = render(&args.command, &reply)
-        .with_context(|| format!("unexpected reply to {method} {path}"))?;
+    let text = render(&args.command, &reply).map_err(|source| CtlError::UnexpectedReply {
+        method,
+        path,
+        source,
+    })?;
     out.write_all(text.as_bytes())?;
     Ok(())
 }
@@ -244,8 +285,9 @@ fn mib(n: u64) -> String {
     format!("{n} MiB")
 }
 
-/// The readable output for a successful reply.
-fn render(command: &CtlCommand, reply: &HttpReply) -> anyhow::Result<String> {
+/// The readable output for a successful reply: one arm per command, each a few lines of
+/// formatting (its length grows with the commands, not with its logic).
+fn render(command: &CtlCommand, reply: &HttpReply) -> Result<String, serde_json::Error> {
     Ok(match command {
         CtlCommand::Vms => {
             let list: VmList = serde_json::from_slice(&reply.body)?;

@@ -216,7 +216,9 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run(args) => run(args),
-        Command::Ctl(args) => vmm::ctl::run_ctl(&args).map(|()| ExitCode::SUCCESS),
+        Command::Ctl(args) => vmm::ctl::run_ctl(&args)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(anyhow::Error::from),
     };
     match result {
         Ok(code) => code,

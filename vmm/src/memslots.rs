@@ -1,6 +1,7 @@
 //! KVM memslots for the VMM's own memory: guest RAM slots, the virtio-mem region's slots
 //! (through [`hotplug::MemslotControl`]), and dirty logging on guest RAM for the swapper's page
-//! ages ([`memory::swap::DirtyLog`]).
+//! ages ([`memory::swap::DirtyLog`]). Where a discarded page goes is memory's business
+//! ([`memory::discard::GuestDiscard`]).
 //!
 //! Slot numbers: guest RAM takes slots `0..n` (one per [`memory::RamRange`]), the hotplug
 //! region's slots follow at `n + index`.
@@ -10,8 +11,7 @@ use std::sync::Arc;
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
-use memory::{DiscardRam, GuestRam, RamError};
-use vm_memory::GuestAddress;
+use memory::GuestRam;
 
 fn kvm_io(e: kvm_ioctls::Error) -> io::Error {
     io::Error::from_raw_os_error(e.errno())
@@ -107,121 +107,5 @@ impl memory::swap::DirtyLog for KvmDirtyLog {
         self.vm_fd
             .get_dirty_log(range_idx as u32, size as usize)
             .map_err(kvm_io)
-    }
-}
-
-/// Where a guest page the balloon gives back goes: into the virtio-mem region's memory, to the
-/// swapper (which frees its swap slot too) once swap is armed, or plain guest RAM.
-#[derive(Debug)]
-pub struct GuestDiscard {
-    ram: GuestRam,
-    swap: crate::swap::SwapperCell,
-    hotplug: Option<GuestRam>,
-}
-
-impl GuestDiscard {
-    /// Discards for `ram`, through the swapper once `swap` is set, and for the `hotplug`
-    /// region's memory.
-    pub fn new(ram: GuestRam, swap: crate::swap::SwapperCell, hotplug: Option<GuestRam>) -> Self {
-        GuestDiscard { ram, swap, hotplug }
-    }
-}
-
-fn contains(ram: &GuestRam, addr: GuestAddress, len: u64) -> bool {
-    ram.ranges()
-        .iter()
-        .any(|r| addr.0 >= r.start.0 && addr.0.saturating_add(len) <= r.end())
-}
-
-impl DiscardRam for GuestDiscard {
-    fn discard_range(&self, addr: GuestAddress, len: u64) -> Result<(), RamError> {
-        if let Some(hp) = &self.hotplug {
-            if contains(hp, addr, len) {
-                return hp.discard(addr, len);
-            }
-        }
-        let swapper = self
-            .swap
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        match swapper {
-            Some(swapper) if contains(&self.ram, addr, len) => swapper.discard_range(addr, len),
-            _ => self.ram.discard(addr, len),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use memory::swap::{SwapOptions, Swapper};
-    use memory::RamRange;
-    use std::sync::RwLock;
-    use vm_memory::Bytes;
-
-    #[test]
-    fn balloon_discards_go_to_the_region_or_the_swapper_and_free_swap_slots() {
-        let ram = GuestRam::new(&[RamRange::new(0, 4 << 20)]).expect("ram");
-        let region = GuestRam::new(&[RamRange::new(128 << 20, 4 << 20)]).expect("region");
-        let cell: crate::swap::SwapperCell = Arc::new(RwLock::new(None));
-        let discard = GuestDiscard::new(ram.clone(), cell.clone(), Some(region.clone()));
-
-        // Before swap is armed: plain discards, in RAM and in the region.
-        let page = vec![0x77u8; 4096];
-        ram.memory()
-            .write_slice(&page, GuestAddress(0x1000))
-            .expect("write");
-        region
-            .memory()
-            .write_slice(&page, GuestAddress((128 << 20) + 0x2000))
-            .expect("write");
-        discard
-            .discard_range(GuestAddress(0x1000), 4096)
-            .expect("discard RAM");
-        discard
-            .discard_range(GuestAddress((128 << 20) + 0x2000), 4096)
-            .expect("discard region");
-        let mut back = vec![0u8; 4096];
-        ram.memory()
-            .read_slice(&mut back, GuestAddress(0x1000))
-            .expect("read");
-        assert!(back.iter().all(|b| *b == 0));
-        region
-            .memory()
-            .read_slice(&mut back, GuestAddress((128 << 20) + 0x2000))
-            .expect("read");
-        assert!(back.iter().all(|b| *b == 0));
-        assert!(discard.discard_range(GuestAddress(64 << 20), 4096).is_err());
-
-        // Armed: a ballooned page that is in swap gives up its slot.
-        let dir = tempfile::tempdir().expect("dir");
-        let swapper = match Swapper::new(&ram, dir.path(), SwapOptions::default()) {
-            Ok(s) => Arc::new(s),
-            Err(e) => {
-                eprintln!("skipped: no userfaultfd write-protect here: {e}");
-                return;
-            }
-        };
-        *cell.write().expect("cell") = Some(swapper.clone());
-        for i in 0..16u64 {
-            ram.memory()
-                .write_slice(&page, GuestAddress(0x10_0000 + i * 4096))
-                .expect("write");
-        }
-        swapper.swap_out(4 << 20).expect("swap out");
-        let swapped = swapper.status().swapped_pages;
-        assert!(swapped >= 16, "{swapped}");
-        discard
-            .discard_range(GuestAddress(0x10_0000), 16 * 4096)
-            .expect("discard swapped pages");
-        assert_eq!(swapper.status().swapped_pages, swapped - 16);
-        ram.memory()
-            .read_slice(&mut back, GuestAddress(0x10_0000))
-            .expect("read");
-        assert!(
-            back.iter().all(|b| *b == 0),
-            "a ballooned page reads as zero"
-        );
     }
 }

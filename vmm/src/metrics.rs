@@ -2,34 +2,27 @@
 //! `GET /metrics` serves.
 //!
 //! Samples are grouped by metric family whatever order they are added in, each family gets one
-//! `# HELP` and one `# TYPE` line, names are made valid, and label values are escaped. Counters
-//! live with their owners (the VM, each device); the handler of [`crate::action::Action::Metrics`]
-//! reads them into a [`PromText`] on each scrape.
+//! `# HELP` and one `# TYPE` line, names are made valid, and label values are escaped. Metrics
+//! live with their owners (the VM, each device, the swapper, the sharing sample, host KSM), who
+//! say whether each is a counter or a gauge ([`memory::Metric`]); the handler of
+//! [`crate::action::Action::Metrics`] reads them into a [`PromText`] on each scrape, adding a
+//! prefix and labels.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
+
+use memory::{Metric, MetricKind, MetricValue};
 
 use crate::vcpu::ExitCounters;
 
 /// The `Content-Type` of the text this module produces.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// The kind of a metric family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MetricKind {
-    /// Only goes up (or resets to zero when the process restarts).
-    Counter,
-    /// Goes up and down.
-    Gauge,
-}
-
-impl MetricKind {
-    fn as_str(self) -> &'static str {
-        match self {
-            MetricKind::Counter => "counter",
-            MetricKind::Gauge => "gauge",
-        }
+fn kind_name(kind: MetricKind) -> &'static str {
+    match kind {
+        MetricKind::Counter => "counter",
+        MetricKind::Gauge => "gauge",
     }
 }
 
@@ -64,46 +57,21 @@ impl PromText {
         self.sample(MetricKind::Gauge, name, help, labels, &format_value(value));
     }
 
-    /// Adds a device's counters, each as `memvisor_device_<name>_total{vm, device}`: the form
-    /// in which devices register theirs, a list of `(name, value)`.
-    pub fn device_counters(&mut self, vm: &str, device: &str, counters: &[(&str, u64)]) {
-        for (name, value) in counters {
-            let name = sanitize_name(name);
-            let family = if name.ends_with("_total") {
-                format!("memvisor_device_{name}")
-            } else {
-                format!("memvisor_device_{name}_total")
-            };
-            self.counter(
-                &family,
-                "Per-device counter, registered by the device.",
-                &[("vm", vm), ("device", device)],
-                *value,
-            );
+    /// Adds an owner's metrics, each named `prefix` + its name (`_total` added to a counter's
+    /// name that lacks it), with `labels`, of the kind and help the owner gave.
+    pub fn metrics(&mut self, prefix: &str, labels: &[(&str, &str)], metrics: &[Metric]) {
+        for m in metrics {
+            let mut name = format!("{prefix}{}", m.name);
+            match m.value {
+                MetricValue::Counter(v) => {
+                    if !name.ends_with("_total") {
+                        name.push_str("_total");
+                    }
+                    self.counter(&name, m.help, labels, v);
+                }
+                MetricValue::Gauge(v) => self.gauge(&name, m.help, labels, v),
+            }
         }
-    }
-
-    /// Adds a device's values: those `is_gauge` picks as gauges `memvisor_device_<name>{vm,
-    /// device}` (a state, a size, a latency quantile, a maximum), the others as counters as
-    /// [`PromText::device_counters`] does.
-    pub fn device_values(
-        &mut self,
-        vm: &str,
-        device: &str,
-        values: &[(&str, u64)],
-        is_gauge: impl Fn(&str) -> bool,
-    ) {
-        let (gauges, counters): (Vec<_>, Vec<_>) =
-            values.iter().copied().partition(|(name, _)| is_gauge(name));
-        for (name, value) in gauges {
-            self.gauge(
-                &format!("memvisor_device_{}", sanitize_name(name)),
-                "Per-device value, registered by the device.",
-                &[("vm", vm), ("device", device)],
-                value as f64,
-            );
-        }
-        self.device_counters(vm, device, &counters);
     }
 
     /// Adds `memvisor_vmm_resident_bytes`, this process's resident memory (nothing if
@@ -156,7 +124,7 @@ impl PromText {
         for f in &self.families {
             // Writing to a String cannot fail.
             let _ = writeln!(out, "# HELP {} {}", f.name, escape_help(&f.help));
-            let _ = writeln!(out, "# TYPE {} {}", f.name, f.kind.as_str());
+            let _ = writeln!(out, "# TYPE {} {}", f.name, kind_name(f.kind));
             for s in &f.samples {
                 out.push_str(s);
                 out.push('\n');
@@ -179,8 +147,8 @@ impl PromText {
                 if self.families[i].kind != kind {
                     tracing::warn!(
                         "metric {name} is a {}, not a {}: sample dropped",
-                        self.families[i].kind.as_str(),
-                        kind.as_str()
+                        kind_name(self.families[i].kind),
+                        kind_name(kind)
                     );
                     return;
                 }
@@ -350,35 +318,16 @@ mod tests {
     }
 
     #[test]
-    fn device_counters_get_the_device_prefix_and_total_suffix() {
+    fn owner_metrics_get_the_prefix_labels_and_their_kind() {
         let mut t = PromText::new();
-        t.device_counters(
-            "vm0",
-            "balloon0",
-            &[("inflate_requests", 4), ("deflates_total", 2)],
-        );
-        let text = t.finish();
-        assert!(
-            text.contains(
-                "memvisor_device_inflate_requests_total{vm=\"vm0\",device=\"balloon0\"} 4\n"
-            ),
-            "{text}"
-        );
-        assert!(
-            text.contains("memvisor_device_deflates_total{vm=\"vm0\",device=\"balloon0\"} 2\n"),
-            "{text}"
-        );
-        assert_eq!(text.matches("# TYPE").count(), 2);
-    }
-
-    #[test]
-    fn device_values_split_gauges_from_counters() {
-        let mut t = PromText::new();
-        t.device_values(
-            "vm0",
-            "swap",
-            &[("swap_swapped_pages", 7), ("swap_faults_served", 3)],
-            |n| n == "swap_swapped_pages",
+        t.metrics(
+            "memvisor_device_",
+            &[("vm", "vm0"), ("device", "swap")],
+            &[
+                Metric::level("swap_swapped_pages", "Pages in swap.", 7),
+                Metric::counter("swap_faults_served", "Faults served.", 3),
+                Metric::counter("deflates_total", "Deflates.", 2),
+            ],
         );
         let text = t.finish();
         assert!(
@@ -390,9 +339,18 @@ mod tests {
             "{text}"
         );
         assert!(
+            text.contains("# HELP memvisor_device_swap_faults_served_total Faults served.\n"),
+            "{text}"
+        );
+        assert!(
             text.contains("# TYPE memvisor_device_swap_faults_served_total counter\n"),
             "{text}"
         );
+        assert!(
+            text.contains("memvisor_device_deflates_total{vm=\"vm0\",device=\"swap\"} 2\n"),
+            "the _total suffix is not doubled: {text}"
+        );
+        assert_eq!(text.matches("# TYPE").count(), 3);
     }
 
     #[test]

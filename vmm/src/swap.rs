@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use kvm_ioctls::VmFd;
-use memory::swap::{SwapBacking, SwapFailure, SwapOptions, SwapReport, Swapper};
+use memory::swap::{SwapBacking, SwapFailure, SwapOptions, SwapReport, Swapper, SwapperCell};
 use memory::GuestRam;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
@@ -26,10 +26,6 @@ pub const AGE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// `TMPFS_MAGIC` from `linux/magic.h`: a swap file there would stay in RAM.
 const TMPFS_MAGIC: i64 = 0x0102_1994;
-
-/// The VM's swapper once armed, shared with the balloon's discards
-/// ([`crate::memslots::GuestDiscard`]).
-pub type SwapperCell = Arc<RwLock<Option<Arc<Swapper>>>>;
 
 /// What the last swap request did.
 #[derive(Debug, Clone)]
@@ -94,7 +90,7 @@ impl VmSwap {
         Ok(())
     }
 
-    /// The swapper cell, for [`crate::memslots::GuestDiscard`].
+    /// The swapper cell, for [`memory::discard::GuestDiscard`].
     pub fn swapper_cell(&self) -> SwapperCell {
         self.swapper.clone()
     }
@@ -250,8 +246,8 @@ impl VmSwap {
         v
     }
 
-    /// `(name, value)` pairs for `GET /metrics`, once armed.
-    pub fn metrics(&self) -> Vec<(&'static str, u64)> {
+    /// The swapper's metrics for `GET /metrics`, once armed (none before).
+    pub fn metrics(&self) -> Vec<memory::Metric> {
         self.swapper().map(|s| s.metrics()).unwrap_or_default()
     }
 
@@ -324,7 +320,7 @@ impl MutEventSubscriber for AgeSampler {
 }
 
 /// An error with its sources, on one line.
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

@@ -1,4 +1,7 @@
-//! A VM: built from a [`VmConfig`], run on vCPU threads, stopped and torn down.
+//! A running VM: started on vCPU threads, driven by its event loop, stopped and torn down.
+//!
+//! How a VM is built from a [`VmConfig`] is [`crate::builder`]'s list of steps; how it answers
+//! an [`crate::action::Action`] is in `actions` (one function per action).
 
 use std::io::Write;
 use std::sync::{mpsc, Arc, Mutex};
@@ -6,32 +9,25 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use balloon::Balloon;
-use devices::legacy::{Serial, COM1_BASE, COM1_IRQ, I8042};
-use devices::virtio::mmio::{MMIO_SIZE, QUEUE_NOTIFY_OFFSET};
-use devices::virtio::{mmio_cmdline_fragment, MmioTransport, VirtioDevice};
-use devices::{Bus, EventFdTrigger};
-use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use devices::legacy::Serial;
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use hotplug::VirtioMem;
-use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use kvm_ioctls::{Kvm, VmFd};
 use memory::GuestRam;
-use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
-use crate::action::{
-    Action, ActionError, ActionReply, BalloonInfo, BalloonStatsInfo, MemoryInfo, RunState, VmInfo,
-    VmList, VmState,
-};
-use crate::arch::{cpuid, layout, regs};
-use crate::boot::{self, BootError};
+use crate::action::{BalloonInfo, MemoryInfo, VmInfo, VmState};
+use crate::arch::regs;
+use crate::boot::BootError;
 use crate::compat::HostCompat;
-use crate::config::{host_memory_bytes, ConfigError, VmConfig};
-use crate::console::{ConsoleState, ConsoleTap};
-use crate::controller::{Reply, Request, VmHandle, WakeSubscriber};
-use crate::memslots::{map_ram, GuestDiscard, KvmMemslots};
-use crate::swap::{AgeSampler, VmSwap};
+use crate::config::{ConfigError, VmConfig};
+use crate::console::ConsoleState;
+use crate::controller::{Request, VmHandle, WakeSubscriber};
+use crate::swap::VmSwap;
 use crate::vcpu::{install_kick_handler, kick_signal, Vcpu, VmExit, VmShared};
+
+mod actions;
 
 /// Errors while building or running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -84,119 +80,99 @@ pub enum VmError {
     #[error("the VM was already started")]
     AlreadyStarted,
     /// A device could not be created or wired.
-    #[error("cannot set up the {device} device: {reason}")]
+    #[error("cannot set up the {device} device")]
     Device {
         /// Which device.
         device: &'static str,
-        /// Why (one line).
-        reason: String,
+        /// Why.
+        #[source]
+        source: DeviceError,
     },
     /// The event loop failed.
-    #[error("the VM's event loop failed: {0}")]
-    EventLoop(String),
+    #[error("the VM's event loop failed")]
+    EventLoop(#[source] event_manager::Error),
     /// The vCPUs did not park in time.
     #[error("the vCPUs did not pause within {0:?}")]
     PauseTimeout(Duration),
 }
 
-/// First legacy IRQ handed to virtio-mmio devices (IRQ 4 is COM1).
-const VIRTIO_IRQ_BASE: u32 = 5;
-/// Last IOAPIC pin usable by a virtio-mmio device.
-const VIRTIO_IRQ_LAST: u32 = crate::arch::mptable::IOAPIC_PINS as u32 - 1;
+pub(crate) fn host_err<E: Into<std::io::Error>>(what: &'static str) -> impl FnOnce(E) -> VmError {
+    move |e| VmError::Host {
+        what,
+        source: e.into(),
+    }
+}
+
+/// Why a device could not be created or wired into the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// Every IOAPIC pin for virtio-mmio devices is taken.
+    #[error("no free interrupt line")]
+    NoInterruptLine,
+    /// The virtio-mmio transport could not be created.
+    #[error(transparent)]
+    Transport(#[from] devices::virtio::MmioError),
+    /// KVM refused the device's interrupt eventfd.
+    #[error("cannot wire the interrupt (irqfd)")]
+    Irqfd(#[source] kvm_ioctls::Error),
+    /// KVM refused a queue-notification eventfd.
+    #[error("cannot wire a queue notification (ioeventfd)")]
+    Ioeventfd(#[source] kvm_ioctls::Error),
+    /// The device's window on the MMIO bus is taken.
+    #[error(transparent)]
+    Bus(#[from] devices::BusError),
+    /// The virtio-mem device refused its configuration.
+    #[error(transparent)]
+    VirtioMem(#[from] hotplug::VirtioMemError),
+    /// The balloon device refused its configuration.
+    #[error(transparent)]
+    Balloon(#[from] balloon::BalloonError),
+    /// The hotplug region ends beyond what the guest's CPU can address.
+    #[error(
+        "the hotplug region would end at {end:#x}, beyond the guest's {bits}-bit physical \
+         address space"
+    )]
+    BeyondAddressWidth {
+        /// One past the region's last byte.
+        end: u64,
+        /// The guest's physical address width.
+        bits: u32,
+    },
+    /// The hotplug region cannot go where it was asked to, or anywhere.
+    #[error(transparent)]
+    Placement(#[from] crate::arch::layout::PlacementError),
+    /// The hotplug region's memory could not be mapped.
+    #[error("cannot map the hotplug region")]
+    RegionMemory(#[source] memory::RamError),
+    /// The hotplug region's memory could not be joined to what devices see.
+    #[error("cannot give devices the hotplug region's memory")]
+    JoinRegion(#[source] memory::RamError),
+}
 
 /// What the event loop's subscribers are.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
-/// Reads the VM's exit eventfd on the event loop, so that a guest reset through the i8042
-/// (which writes the eventfd without recording a reason) stops the VM too.
-struct ExitWatcher(Arc<VmShared>);
-
-impl MutEventSubscriber for ExitWatcher {
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.0.exit_evt, EventSet::IN)) {
-            tracing::error!("cannot watch the VM exit eventfd: {e}");
-        }
-    }
-
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.0.exit_evt.read();
-        // Without a recorded reason, the i8042 asked for a reset.
-        self.0.request_exit_quiet(VmExit::Reset);
-    }
-}
-
 /// Devices attached to the VM, as the VMM needs to reach them.
 #[derive(Default)]
-struct Devices {
-    balloon: Option<Arc<Mutex<Balloon>>>,
-    mem: Option<Arc<Mutex<VirtioMem>>>,
+pub(crate) struct Devices {
+    pub(crate) balloon: Option<Arc<Mutex<Balloon>>>,
+    pub(crate) mem: Option<Arc<Mutex<VirtioMem>>>,
 }
 
-/// Hands out virtio-mmio windows and IRQs and wires each transport to KVM.
-struct VirtioSlots {
-    next_base: u64,
-    next_irq: u32,
-    cmdline: Vec<String>,
-}
-
-impl VirtioSlots {
-    fn new() -> Self {
-        VirtioSlots {
-            next_base: layout::VIRTIO_MMIO_START,
-            next_irq: VIRTIO_IRQ_BASE,
-            cmdline: Vec::new(),
-        }
+impl Devices {
+    /// The balloon's metrics, if there is a balloon.
+    pub(crate) fn balloon_metrics(&self) -> Option<Vec<memory::Metric>> {
+        Some(self.balloon.as_ref()?.lock().ok()?.metrics().list())
     }
 
-    fn attach(
-        &mut self,
-        name: &'static str,
-        device: Arc<Mutex<dyn VirtioDevice>>,
-        vm_fd: &VmFd,
-        mem: &vm_memory::GuestMemoryMmap,
-        mmio_bus: &mut Bus,
-    ) -> Result<(), VmError> {
-        let fail = |reason: String| VmError::Device {
-            device: name,
-            reason,
-        };
-        if self.next_irq > VIRTIO_IRQ_LAST {
-            return Err(fail("no free interrupt line".into()));
-        }
-        let (base, irq) = (self.next_base, self.next_irq);
-        let transport = MmioTransport::new(mem.clone(), device).map_err(|e| fail(e.to_string()))?;
-        vm_fd
-            .register_irqfd(transport.interrupt_evt(), irq)
-            .map_err(|e| fail(format!("irqfd: {e}")))?;
-        for (i, evt) in transport.queue_evts().iter().enumerate() {
-            vm_fd
-                .register_ioevent(
-                    evt,
-                    &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
-                    i as u32,
-                )
-                .map_err(|e| fail(format!("ioeventfd: {e}")))?;
-        }
-        mmio_bus
-            .insert(Arc::new(Mutex::new(transport)), base, MMIO_SIZE)
-            .map_err(|e| fail(e.to_string()))?;
-        self.cmdline
-            .push(mmio_cmdline_fragment(base, MMIO_SIZE, irq));
-        tracing::debug!("{name}: virtio-mmio at {base:#x}, irq {irq}");
-        self.next_base += MMIO_SIZE;
-        self.next_irq += 1;
-        Ok(())
+    /// The virtio-mem device's metrics, if there is one.
+    pub(crate) fn mem_metrics(&self) -> Option<Vec<memory::Metric>> {
+        Some(self.mem.as_ref()?.lock().ok()?.metrics().list())
     }
-}
 
-fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
-    move |source| VmError::Kvm { what, source }
-}
-
-fn host_err<E: Into<std::io::Error>>(what: &'static str) -> impl FnOnce(E) -> VmError {
-    move |e| VmError::Host {
-        what,
-        source: e.into(),
+    /// The virtio-mem region's memory, if there is a virtio-mem device.
+    pub(crate) fn hotplug_ram(&self) -> Option<GuestRam> {
+        Some(self.mem.as_ref()?.lock().ok()?.ram().clone())
     }
 }
 
@@ -237,29 +213,30 @@ impl ConsoleInput {
     }
 }
 
-/// A VM, from creation to teardown.
+/// A running VM: its vCPU threads, event loop, devices and memory, from start to teardown.
+/// [`crate::builder`] makes it ([`Vm::new`], [`Vm::with_compat`]).
 pub struct Vm {
-    config: VmConfig,
-    compat: Arc<HostCompat>,
-    _kvm: Kvm,
-    vm_fd: Arc<VmFd>,
-    ram: GuestRam,
-    shared: Arc<VmShared>,
-    serial: Arc<Mutex<Serial>>,
-    console: Arc<ConsoleState>,
-    pending_vcpus: Vec<Vcpu>,
-    threads: Vec<JoinHandle<()>>,
-    created: Instant,
-    events: EventManager<Subscriber>,
-    devices: Devices,
-    exit: Option<VmExit>,
-    id: String,
-    requests: Option<mpsc::Receiver<Request>>,
-    sharing: memory::sharing::SharingSampler,
-    last_sharing: Option<memory::sharing::SharingStats>,
-    _ksm_guard: Option<memory::ksm::KsmGuard>,
-    swap: Arc<VmSwap>,
-    age_sampler: bool,
+    pub(crate) config: VmConfig,
+    pub(crate) compat: Arc<HostCompat>,
+    pub(crate) _kvm: Kvm,
+    pub(crate) vm_fd: Arc<VmFd>,
+    pub(crate) ram: GuestRam,
+    pub(crate) shared: Arc<VmShared>,
+    pub(crate) serial: Arc<Mutex<Serial>>,
+    pub(crate) console: Arc<ConsoleState>,
+    pub(crate) pending_vcpus: Vec<Vcpu>,
+    pub(crate) threads: Vec<JoinHandle<()>>,
+    pub(crate) created: Instant,
+    pub(crate) events: EventManager<Subscriber>,
+    pub(crate) devices: Devices,
+    pub(crate) exit: Option<VmExit>,
+    pub(crate) id: String,
+    pub(crate) requests: Option<mpsc::Receiver<Request>>,
+    pub(crate) sharing: memory::sharing::SharingSampler,
+    pub(crate) last_sharing: Option<memory::sharing::SharingStats>,
+    pub(crate) _ksm_guard: Option<memory::ksm::KsmGuard>,
+    pub(crate) swap: Arc<VmSwap>,
+    pub(crate) age_sampler: bool,
 }
 
 impl std::fmt::Debug for Vm {
@@ -271,274 +248,6 @@ impl std::fmt::Debug for Vm {
 }
 
 impl Vm {
-    /// Builds a VM ready to start: KVM VM, guest RAM, kernel loaded, devices, vCPUs.
-    pub fn new(config: &VmConfig, io: VmIo) -> Result<Self, VmError> {
-        Self::with_compat(config, io, HostCompat::detect())
-    }
-
-    /// Like [`Vm::new`] with an explicit host compatibility decision.
-    pub fn with_compat(config: &VmConfig, io: VmIo, compat: HostCompat) -> Result<Self, VmError> {
-        let created = Instant::now();
-        config.validate(host_memory_bytes())?;
-        compat.log();
-        let compat = Arc::new(compat);
-
-        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        for (cap, name) in [
-            (Cap::Irqchip, "IRQCHIP"),
-            (Cap::Irqfd, "IRQFD"),
-            (Cap::Ioeventfd, "IOEVENTFD"),
-            (Cap::UserMemory, "USER_MEMORY"),
-            (Cap::Pit2, "PIT2"),
-        ] {
-            if !kvm.check_extension(cap) {
-                return Err(VmError::MissingCap(name));
-            }
-        }
-        let max = kvm.get_max_vcpus();
-        if usize::from(config.cpus) > max {
-            return Err(VmError::TooManyCpus {
-                got: config.cpus,
-                max,
-            });
-        }
-        let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
-        vm_fd
-            .set_tss_address(layout::KVM_TSS_START as usize)
-            .map_err(kvm_err("set the TSS address"))?;
-        vm_fd
-            .create_irq_chip()
-            .map_err(kvm_err("create the interrupt controllers"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm_fd.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
-
-        let phase =
-            |what: &str| tracing::debug!("{what} after {} µs", created.elapsed().as_micros());
-        phase("KVM VM created");
-        let mem_bytes = config.memory.bytes();
-        let ram = GuestRam::new(&layout::ram_ranges(mem_bytes))?;
-        let mut ksm_guard = None;
-        if config.mergeable {
-            ram.set_mergeable(true)?;
-            // KSM scans only while `run` is 1; turn it on at memvisor's rate if it is off, and
-            // put the host's settings back when the VM goes.
-            match memory::ksm::Ksm::open() {
-                Ok(ksm) => match ksm.settings() {
-                    Ok(s) if s.run != memory::ksm::KsmRun::Running => {
-                        match ksm.enable_scoped(
-                            memory::ksm::DEFAULT_PAGES_TO_SCAN,
-                            memory::ksm::DEFAULT_SLEEP_MS,
-                        ) {
-                            Ok(guard) => ksm_guard = Some(guard),
-                            Err(e) => tracing::warn!("cannot turn host KSM on: {e}"),
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!("cannot read host KSM settings: {e}"),
-                },
-                Err(e) => tracing::warn!("host KSM is unavailable, pages will not be merged: {e}"),
-            }
-        } else if config.thp {
-            // Not fatal: a host without THP still runs the VM, with 4K pages.
-            if let Err(e) = ram.set_hugepages(true) {
-                tracing::warn!("guest RAM stays on 4K pages: {e}");
-            }
-        }
-        map_ram(&vm_fd, &ram, false).map_err(kvm_err("add guest RAM"))?;
-
-        phase("guest RAM mapped");
-        let mem = ram.memory();
-        let kernel = boot::load_kernel(mem, &config.kernel)?;
-        phase("kernel loaded");
-        let initrd = match &config.initrd {
-            Some(path) => Some(boot::load_initrd(mem, path, &kernel, mem_bytes)?),
-            None => None,
-        };
-        phase("initrd loaded");
-        let shared = Arc::new(VmShared::new().map_err(host_err("the exit eventfd"))?);
-        let mut events: EventManager<Subscriber> =
-            EventManager::new().map_err(|e| VmError::EventLoop(e.to_string()))?;
-        events.add_subscriber(Arc::new(Mutex::new(ExitWatcher(shared.clone()))));
-
-        let swap = Arc::new(VmSwap::new(
-            config.swap_dir.as_deref(),
-            ram.clone(),
-            vm_fd.clone(),
-            shared.clone(),
-        ));
-
-        let mut mmio_bus = Bus::new();
-        let mut slots = VirtioSlots::new();
-        let mut devices = Devices::default();
-        // What devices see: guest RAM, plus the hotplug region (the guest may hand a device
-        // buffers in plugged memory, e.g. balloon pages).
-        let mut device_mem = mem.clone();
-        let mut hotplug_ram = None;
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("report CPUID"))?;
-        if let Some(hp_config) = config.hotplug {
-            let dev_err = |reason: String| VmError::Device {
-                device: "virtio-mem",
-                reason,
-            };
-            let ram_layout: Vec<(u64, u64)> =
-                ram.ranges().iter().map(|r| (r.start.0, r.size)).collect();
-            let placed = hp_config
-                .placed(&ram_layout)
-                .map_err(|e| dev_err(e.to_string()))?;
-            // The guest can only use memory its CPU can address.
-            let bits = cpuid::phys_addr_bits(supported.as_slice());
-            let end = placed
-                .region_addr
-                .unwrap_or(0)
-                .saturating_add(placed.region_size.bytes());
-            if bits < 64 && end > 1u64 << bits {
-                return Err(dev_err(format!(
-                    "the hotplug region would end at {end:#x}, beyond the guest's \
-                     {bits}-bit physical address space"
-                )));
-            }
-            let memslots = KvmMemslots::new(vm_fd.clone(), ram.ranges().len() as u32);
-            let device =
-                VirtioMem::new(placed, Box::new(memslots)).map_err(|e| dev_err(e.to_string()))?;
-            let region_ram = device.ram().clone();
-            for r in region_ram.ranges() {
-                let (_, region) = region_ram
-                    .memory()
-                    .remove_region(r.start, r.size)
-                    .map_err(|e| dev_err(e.to_string()))?;
-                device_mem = device_mem
-                    .insert_region(region)
-                    .map_err(|e| dev_err(e.to_string()))?;
-            }
-            tracing::info!(
-                "virtio-mem: {} MiB hotplug region at {:#x}, blocks of {} KiB",
-                placed.region_size.bytes() >> 20,
-                region_ram.ranges().first().map_or(0, |r| r.start.0),
-                placed.block_size.bytes() >> 10
-            );
-            let device = Arc::new(Mutex::new(device));
-            slots.attach(
-                "virtio-mem",
-                device.clone(),
-                &vm_fd,
-                &device_mem,
-                &mut mmio_bus,
-            )?;
-            events.add_subscriber(device.clone());
-            devices.mem = Some(device);
-            hotplug_ram = Some(region_ram);
-        }
-        if let Some(balloon_config) = config.balloon {
-            let discard = GuestDiscard::new(ram.clone(), swap.swapper_cell(), hotplug_ram.clone());
-            let balloon =
-                Balloon::new(balloon_config, Arc::new(discard)).map_err(|e| VmError::Device {
-                    device: "balloon",
-                    reason: e.to_string(),
-                })?;
-            let balloon = Arc::new(Mutex::new(balloon));
-            slots.attach(
-                "balloon",
-                balloon.clone(),
-                &vm_fd,
-                &device_mem,
-                &mut mmio_bus,
-            )?;
-            events.add_subscriber(balloon.clone());
-            devices.balloon = Some(balloon);
-        }
-        phase("devices created");
-
-        let mut additions: Vec<&str> = compat.cmdline_additions().into_iter().collect();
-        additions.extend(slots.cmdline.iter().map(String::as_str));
-        // Plugged virtio-mem memory must be onlined as movable, or the guest can never unplug
-        // it again; the user's own choice wins.
-        if config.hotplug.is_some() && !config.base_cmdline().contains("memhp_default_state=") {
-            additions.push("memhp_default_state=online_movable");
-        }
-        let cmdline = boot::build_cmdline(config.base_cmdline(), &additions)?;
-        let cr3 = boot::configure_system(mem, &cmdline, &kernel, initrd, mem_bytes, config.cpus)?;
-        tracing::debug!(
-            "kernel entry {:#x}, command line: {:?}",
-            kernel.entry,
-            cmdline.as_cstring()
-        );
-
-        let (tap, console) = ConsoleTap::new(io.console_out, compat.boot_milestone(), created);
-        let serial_irq =
-            EventFdTrigger::new_nonblocking().map_err(host_err("the serial eventfd"))?;
-        vm_fd
-            .register_irqfd(serial_irq.eventfd(), COM1_IRQ)
-            .map_err(kvm_err("wire the serial interrupt"))?;
-        let serial = Arc::new(Mutex::new(Serial::new(serial_irq, Box::new(tap))));
-        let reset_evt = shared
-            .exit_evt
-            .try_clone()
-            .map_err(host_err("the reset eventfd"))?;
-        let i8042 = Arc::new(Mutex::new(I8042::new(reset_evt)));
-
-        let mut io_bus = Bus::new();
-        io_bus
-            .insert(serial.clone(), u64::from(COM1_BASE), 8)
-            .expect("fixed legacy ports do not overlap");
-        io_bus
-            .insert(i8042, u64::from(devices::legacy::I8042_BASE), 5)
-            .expect("fixed legacy ports do not overlap");
-        let io_bus = Arc::new(io_bus);
-        let mmio_bus = Arc::new(mmio_bus);
-
-        let mut pending_vcpus = Vec::with_capacity(usize::from(config.cpus));
-        for index in 0..config.cpus {
-            let fd = vm_fd
-                .create_vcpu(u64::from(index))
-                .map_err(kvm_err("create a vCPU"))?;
-            let mut cpuid = supported.clone();
-            cpuid::filter_cpuid(cpuid.as_mut_slice(), index, config.cpus);
-            fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
-            regs::setup_common_vcpu(&fd)?;
-            if index == 0 {
-                regs::setup_boot_vcpu(&fd, kernel.entry, cr3)?;
-            }
-            pending_vcpus.push(Vcpu {
-                index,
-                fd,
-                io_bus: io_bus.clone(),
-                mmio_bus: mmio_bus.clone(),
-                compat: compat.clone(),
-                shared: shared.clone(),
-            });
-        }
-        phase("VM built");
-
-        Ok(Vm {
-            config: config.clone(),
-            compat,
-            _kvm: kvm,
-            vm_fd,
-            ram,
-            shared,
-            serial,
-            console,
-            pending_vcpus,
-            threads: Vec::new(),
-            created,
-            events,
-            devices,
-            exit: None,
-            id: "vm0".to_owned(),
-            requests: None,
-            sharing: memory::sharing::SharingSampler::new(memory::sharing::SharingConfig::default()),
-            last_sharing: None,
-            _ksm_guard: ksm_guard,
-            swap,
-            age_sampler: false,
-        })
-    }
-
     /// The VM's name in the API (`vm0` unless set).
     pub fn id(&self) -> &str {
         &self.id
@@ -610,26 +319,13 @@ impl Vm {
 
     /// Host memory resident for the guest: RAM and the hotplug region.
     fn resident_bytes(&self) -> u64 {
-        let region = self
-            .devices
-            .mem
-            .as_ref()
-            .and_then(|m| Some(m.lock().ok()?.ram().clone()));
+        let region = self.devices.hotplug_ram();
         let hp = region.map_or(0, |r| r.resident_bytes().unwrap_or(0));
         self.ram.resident_bytes().unwrap_or(0) + hp
     }
 
     fn memory_status(&self) -> Option<hotplug::VirtioMemStatus> {
         Some(self.devices.mem.as_ref()?.lock().ok()?.status())
-    }
-
-    fn mem_device(&self) -> Result<&Arc<Mutex<VirtioMem>>, ActionError> {
-        self.devices.mem.as_ref().ok_or_else(|| {
-            ActionError::BadRequest(format!(
-                "{} has no virtio-mem device (start it with --hotplug)",
-                self.id
-            ))
-        })
     }
 
     /// The virtio-mem device, if the VM has one.
@@ -650,276 +346,31 @@ impl Vm {
         })
     }
 
-    /// Prometheus text of this VM's and the VMM's counters.
+    /// Prometheus text of this VM's and the VMM's metrics, each rendered as its owner
+    /// reports it.
     pub fn metrics_text(&self) -> String {
         let mut text = crate::metrics::PromText::new();
         text.vmm_resident();
         text.guest_ram_resident(&self.id, self.resident_bytes());
         text.exit_counters(&self.id, &self.shared.exits);
-        if let Some(st) = &self.last_sharing {
+        let vm = [("vm", self.id.as_str())];
+        if let Some(stats) = &self.last_sharing {
             // From the latest `GET /vms/{id}/sharing` sample (sampling has a cost, so a scrape
             // does not trigger one).
-            let labels = [("vm", self.id.as_str())];
-            let c = &st.counts;
-            for (name, help, value) in [
-                (
-                    "memvisor_sharing_pages_sampled",
-                    "Pages in the latest sharing sample.",
-                    Some(st.pages_sampled as f64),
-                ),
-                (
-                    "memvisor_sharing_pages_shared",
-                    "Sampled pages whose frame has 2+ mappings.",
-                    Some(st.pages_shared as f64),
-                ),
-                (
-                    "memvisor_sharing_count_arithmetic_mean",
-                    "Arithmetic mean of the map counts.",
-                    c.arithmetic_mean,
-                ),
-                (
-                    "memvisor_sharing_count_geometric_mean",
-                    "Geometric mean of the map counts.",
-                    c.geometric_mean,
-                ),
-                (
-                    "memvisor_sharing_count_harmonic_mean",
-                    "Harmonic mean of the map counts.",
-                    c.harmonic_mean,
-                ),
-                (
-                    "memvisor_sharing_count_median",
-                    "Median of the map counts.",
-                    c.median,
-                ),
-                (
-                    "memvisor_sharing_reclaimable_bytes",
-                    "Host bytes reclaiming the VM would free (estimate).",
-                    Some(st.reclaimable.bytes as f64),
-                ),
-            ] {
-                if let Some(v) = value {
-                    text.gauge(name, help, &labels, v);
-                }
-            }
+            text.metrics("memvisor_sharing_", &vm, &stats.metrics());
         }
         if let Ok(c) = memory::ksm::Ksm::open().and_then(|k| k.counters()) {
-            for (name, help, value) in [
-                (
-                    "memvisor_host_ksm_pages_shared",
-                    "KSM pages in use.",
-                    c.pages_shared,
-                ),
-                (
-                    "memvisor_host_ksm_pages_sharing",
-                    "Mappings sharing a KSM page beyond the first.",
-                    c.pages_sharing,
-                ),
-                (
-                    "memvisor_host_ksm_full_scans_total",
-                    "Completed KSM passes.",
-                    c.full_scans,
-                ),
-            ] {
-                text.gauge(name, help, &[], value as f64);
-            }
+            text.metrics("memvisor_host_ksm_", &[], &c.metrics());
         }
-        if let Some(balloon) = &self.devices.balloon {
-            let metrics = balloon.lock().map(|b| b.metrics()).ok();
-            if let Some(metrics) = metrics {
-                text.device_counters(&self.id, "balloon0", &metrics.values());
-            }
+        let device = |name| [("vm", self.id.as_str()), ("device", name)];
+        if let Some(metrics) = self.devices.balloon_metrics() {
+            text.metrics("memvisor_device_", &device("balloon0"), &metrics);
         }
-        if let Some(mem) = &self.devices.mem {
-            let metrics = mem.lock().map(|m| m.metrics()).ok();
-            if let Some(metrics) = metrics {
-                text.device_values(&self.id, "mem0", &metrics.values(), |n| n.ends_with("_max"));
-            }
+        if let Some(metrics) = self.devices.mem_metrics() {
+            text.metrics("memvisor_device_", &device("mem0"), &metrics);
         }
-        let swap = self.swap.metrics();
-        if !swap.is_empty() {
-            text.device_values(&self.id, "swap", &swap, |n| {
-                memory::swap::GAUGE_METRICS.contains(&n)
-            });
-        }
+        text.metrics("memvisor_device_", &device("swap"), &self.swap.metrics());
         text.finish()
-    }
-
-    /// Carries out one action on the event loop's thread.
-    pub fn handle_action(&mut self, action: Action) -> Reply {
-        let state = self.state();
-        if state == VmState::Stopped
-            && !matches!(
-                action,
-                Action::GetVm
-                    | Action::ListVms
-                    | Action::Metrics
-                    | Action::GetSwap
-                    | Action::GetMemory
-            )
-        {
-            return Err(ActionError::Conflict(format!("{} has stopped", self.id)));
-        }
-        match action {
-            Action::ListVms => Ok(ActionReply::VmList(VmList {
-                vms: vec![self.info()],
-            })),
-            Action::GetVm => Ok(ActionReply::Vm(self.info())),
-            Action::Metrics => Ok(ActionReply::Metrics(self.metrics_text())),
-            Action::SetState(RunState::Paused) => {
-                match state {
-                    VmState::Paused => {
-                        return Err(ActionError::Conflict(format!(
-                            "{} is already paused",
-                            self.id
-                        )))
-                    }
-                    VmState::Created => {
-                        return Err(ActionError::Conflict(format!(
-                            "{} has not started",
-                            self.id
-                        )))
-                    }
-                    _ => {}
-                }
-                self.pause()
-                    .map_err(|e| ActionError::Internal(e.to_string()))?;
-                Ok(ActionReply::Vm(self.info()))
-            }
-            Action::SetState(RunState::Running) => {
-                if state != VmState::Paused {
-                    return Err(ActionError::Conflict(format!(
-                        "{} is already {state}",
-                        self.id
-                    )));
-                }
-                self.resume();
-                Ok(ActionReply::Vm(self.info()))
-            }
-            Action::Shutdown => {
-                self.shared.request_exit_quiet(VmExit::Stopped);
-                Ok(ActionReply::Accepted)
-            }
-            Action::SetBalloon(req) => {
-                let boot_mib = self.config.memory.mib();
-                if req.target_mib > boot_mib {
-                    return Err(ActionError::BadRequest(format!(
-                        "balloon target {} MiB is larger than the VM's {boot_mib} MiB",
-                        req.target_mib
-                    )));
-                }
-                let balloon = self.balloon_device()?;
-                balloon
-                    .lock()
-                    .map_err(|_| ActionError::Internal("the balloon device failed".into()))?
-                    .set_target_mib(req.target_mib)
-                    .map_err(|e| ActionError::BadRequest(e.to_string()))?;
-                self.balloon_info()
-                    .map(ActionReply::Balloon)
-                    .ok_or_else(|| ActionError::Internal("the balloon device failed".into()))
-            }
-            Action::GetBalloon => {
-                self.balloon_device()?;
-                self.balloon_info()
-                    .map(ActionReply::Balloon)
-                    .ok_or_else(|| ActionError::Internal("the balloon device failed".into()))
-            }
-            Action::GetSharing => {
-                let report = self
-                    .sharing
-                    .sample(&self.ram)
-                    .map_err(|e| ActionError::Internal(e.to_string()))?;
-                if let Some(stats) = report.stats() {
-                    self.last_sharing = Some(*stats);
-                }
-                serde_json::to_value(&report)
-                    .map(ActionReply::Json)
-                    .map_err(|e| ActionError::Internal(e.to_string()))
-            }
-            Action::GetHost => Ok(ActionReply::Json(Self::host_info())),
-            Action::SetMemory(req) => {
-                let status = {
-                    let mut mem = self.mem_device()?.lock().map_err(|_| {
-                        ActionError::Internal("the virtio-mem device failed".into())
-                    })?;
-                    mem.set_requested_mib(req.requested_mib).map_err(|e| {
-                        if e.is_bad_request() {
-                            ActionError::BadRequest(e.to_string())
-                        } else {
-                            ActionError::Internal(e.to_string())
-                        }
-                    })?;
-                    mem.status()
-                };
-                Ok(ActionReply::Memory(status))
-            }
-            Action::GetMemory => {
-                self.mem_device()?;
-                self.memory_status()
-                    .map(ActionReply::Memory)
-                    .ok_or_else(|| ActionError::Internal("the virtio-mem device failed".into()))
-            }
-            Action::SetSwap(req) => {
-                self.swap.request(req.target_mib)?;
-                if !self.age_sampler && self.swap.swapper().is_some() {
-                    let sampler = AgeSampler::new(self.swap.clone())
-                        .map_err(|e| ActionError::Internal(format!("page-age timer: {e}")))?;
-                    self.events.add_subscriber(Arc::new(Mutex::new(sampler)));
-                    self.age_sampler = true;
-                }
-                Ok(ActionReply::Swap {
-                    status: self.swap.status_json(),
-                    accepted: true,
-                })
-            }
-            Action::GetSwap => Ok(ActionReply::Swap {
-                status: self.swap.status_json(),
-                accepted: false,
-            }),
-            Action::GetBalloonStats => {
-                let balloon = self.balloon_device()?;
-                let latest = balloon
-                    .lock()
-                    .map_err(|_| ActionError::Internal("the balloon device failed".into()))?
-                    .latest_stats();
-                Ok(ActionReply::BalloonStats(match latest {
-                    Some((stats, age)) => BalloonStatsInfo {
-                        age_ms: Some(age.as_millis() as u64),
-                        stats: stats.values().into_iter().collect(),
-                    },
-                    None => BalloonStatsInfo {
-                        age_ms: None,
-                        stats: Default::default(),
-                    },
-                }))
-            }
-        }
-    }
-
-    /// Host-wide memory state: KSM settings and counters.
-    pub fn host_info() -> serde_json::Value {
-        let ksm = memory::ksm::Ksm::open().and_then(|k| Ok((k.settings()?, k.counters()?)));
-        match ksm {
-            Ok((settings, counters)) => serde_json::json!({
-                "ksm": {
-                    "status": "ok",
-                    "settings": settings,
-                    "counters": counters,
-                }
-            }),
-            Err(e) => serde_json::json!({
-                "ksm": { "status": "unavailable", "reason": e.to_string() }
-            }),
-        }
-    }
-
-    fn balloon_device(&self) -> Result<&Arc<Mutex<Balloon>>, ActionError> {
-        self.devices.balloon.as_ref().ok_or_else(|| {
-            ActionError::BadRequest(format!(
-                "{} has no balloon device (start it with --balloon)",
-                self.id
-            ))
-        })
     }
 
     /// The balloon device, if the VM has one.
@@ -980,7 +431,7 @@ impl Vm {
         let ms = timeout.map_or(-1, |t| i32::try_from(t.as_millis()).unwrap_or(i32::MAX));
         self.events
             .run_with_timeout(ms)
-            .map_err(|e| VmError::EventLoop(e.to_string()))?;
+            .map_err(VmError::EventLoop)?;
         self.drain_requests();
         if self.shared.stop.load(std::sync::atomic::Ordering::SeqCst) {
             let reason = self
@@ -1083,7 +534,7 @@ impl Vm {
     /// Stops the VM because its event loop failed. The loop may fail again on every call, so
     /// this must not go back to it.
     fn fail(&mut self, e: VmError) -> VmExit {
-        let exit = VmExit::Error(e.to_string());
+        let exit = VmExit::Error(crate::swap::chain(&e));
         self.shared.request_exit_quiet(exit.clone());
         self.stop_vcpus();
         self.exit = Some(exit.clone());

@@ -1,10 +1,11 @@
-//! `memvisor ctl` against a real API server with the fake action handler (no KVM).
+//! `memvisor ctl` against a real API server with the fake action handler (no KVM): what ctl prints for
+//! each reply and refusal. What a real VM answers is tests/api.rs's.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use vmm::action::fake::FakeHandler;
-use vmm::action::{VmInfo, VmState};
+use vmm::action::{Action, ActionError, RunState, VmInfo};
 use vmm::api::ApiServer;
 use vmm::ctl::{run_ctl_to, CtlArgs, CtlCommand};
 
@@ -90,7 +91,6 @@ fn pause_resume_and_shutdown_print_the_outcome() {
         .ctl(CtlCommand::Pause { id: "vm0".into() }, false)
         .expect("pause");
     assert_eq!(out, "vm0: paused\n");
-    assert_eq!(f.handler.state("vm0"), Some(VmState::Paused));
     let out = f
         .ctl(CtlCommand::Resume { id: "vm0".into() }, false)
         .expect("resume");
@@ -99,7 +99,15 @@ fn pause_resume_and_shutdown_print_the_outcome() {
         .ctl(CtlCommand::Shutdown { id: "vm0".into() }, false)
         .expect("shutdown");
     assert_eq!(out, "vm0: shutdown requested\n");
-    assert_eq!(f.handler.state("vm0"), Some(VmState::Stopped));
+    let actions: Vec<_> = f.handler.actions().into_iter().map(|(_, a)| a).collect();
+    assert_eq!(
+        actions,
+        [
+            Action::SetState(RunState::Paused),
+            Action::SetState(RunState::Running),
+            Action::Shutdown
+        ]
+    );
 }
 
 #[test]
@@ -120,12 +128,14 @@ fn server_errors_become_one_line_with_the_error_text() {
         format!("{e:#}"),
         "no VM named \"vm9\" (404 Not Found for GET /api/v1/vms/vm9)"
     );
+    f.handler
+        .answer_next(Err(ActionError::Conflict("scripted conflict".into())));
     let e = f
         .ctl(CtlCommand::Resume { id: "vm0".into() }, false)
-        .expect_err("already running");
+        .expect_err("refused");
     assert_eq!(
         format!("{e:#}"),
-        "vm0 is already running (409 Conflict for PUT /api/v1/vms/vm0/state)"
+        "scripted conflict (409 Conflict for PUT /api/v1/vms/vm0/state)"
     );
 }
 

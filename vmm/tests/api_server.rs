@@ -1,4 +1,5 @@
-//! The API server over a real Unix socket, with the fake action handler (no KVM).
+//! The API server over a real Unix socket, with the fake action handler (no KVM): routing, bodies,
+//! statuses and how the handler's replies are served. What a real VM answers is tests/api.rs's.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use hyper::{Method, StatusCode};
 use vmm::action::fake::FakeHandler;
-use vmm::action::{Action, ErrorBody, RunState, VmInfo, VmList, VmState};
+use vmm::action::{Action, ActionError, ErrorBody, RunState, VmInfo, VmList, VmState};
 use vmm::api::{ApiError, ApiServer, MAX_BODY_BYTES};
 use vmm::ctl::{ApiClient, HttpReply};
 
@@ -106,30 +107,39 @@ fn list_vms_returns_every_vm() {
 }
 
 #[test]
-fn pause_then_resume_changes_state_and_repeating_is_a_conflict() {
+fn a_state_change_reaches_the_vm_and_its_reply_is_served() {
     let f = start();
     let pause = Some(r#"{"state": "paused"}"#);
     let reply = f.request(Method::PUT, "/api/v1/vms/vm1/state", pause);
     assert_eq!(reply.status, StatusCode::OK);
     let info: VmInfo = serde_json::from_slice(&reply.body).expect("VmInfo");
-    assert_eq!(info.state, VmState::Paused);
-    assert_eq!(f.handler.state("vm0"), Some(VmState::Running));
-
-    let again = f.request(Method::PUT, "/api/v1/vms/vm1/state", pause);
-    assert_eq!(again.status, StatusCode::CONFLICT);
-    assert_eq!(error_of(&again), "vm1 is already paused");
-
+    assert_eq!((info.id.as_str(), info.state), ("vm1", VmState::Paused));
     let resume = Some(r#"{"state": "running"}"#);
     let reply = f.request(Method::PUT, "/api/v1/vms/vm1/state", resume);
     assert_eq!(reply.status, StatusCode::OK);
-    assert_eq!(f.handler.state("vm1"), Some(VmState::Running));
     assert_eq!(
-        f.handler.actions()[..2],
+        f.handler.actions(),
         [
             (Some("vm1".into()), Action::SetState(RunState::Paused)),
-            (Some("vm1".into()), Action::SetState(RunState::Paused)),
+            (Some("vm1".into()), Action::SetState(RunState::Running)),
         ]
     );
+}
+
+#[test]
+fn a_refusal_is_served_with_its_status_and_its_words() {
+    let f = start();
+    f.handler
+        .answer_next(Err(ActionError::Conflict("scripted conflict".into())));
+    let pause = Some(r#"{"state": "paused"}"#);
+    let reply = f.request(Method::PUT, "/api/v1/vms/vm1/state", pause);
+    assert_eq!(reply.status, StatusCode::CONFLICT);
+    assert_eq!(error_of(&reply), "scripted conflict");
+    f.handler
+        .answer_next(Err(ActionError::Internal("scripted failure".into())));
+    let reply = f.request(Method::GET, "/api/v1/vms/vm1", None);
+    assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(error_of(&reply), "scripted failure");
 }
 
 #[test]
@@ -138,7 +148,10 @@ fn shutdown_is_accepted_with_no_content() {
     let reply = f.request(Method::PUT, "/api/v1/vms/vm0/shutdown", None);
     assert_eq!(reply.status, StatusCode::NO_CONTENT);
     assert!(reply.body.is_empty());
-    assert_eq!(f.handler.state("vm0"), Some(VmState::Stopped));
+    assert_eq!(
+        f.handler.actions(),
+        [(Some("vm0".into()), Action::Shutdown)]
+    );
 }
 
 #[test]

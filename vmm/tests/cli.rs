@@ -41,12 +41,16 @@ fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
 
 #[test]
 fn missing_kernel_is_one_line() {
+    // The VMM opens /dev/kvm before it reads the kernel.
+    memory::require!(Kvm);
     let out = memvisor(&["run", "--kernel", "/nonexistent"]);
     assert_one_line_error(&out, "cannot open kernel /nonexistent");
 }
 
 #[test]
 fn a_file_that_is_not_a_kernel_is_one_line() {
+    // The VMM opens /dev/kvm before it reads the kernel.
+    memory::require!(Kvm);
     let p = temp_file("junk", &[0x5a; 4096]);
     let out = memvisor(&["run", "--kernel", p.to_str().expect("utf8")]);
     assert_one_line_error(&out, "is not a Linux kernel");
@@ -90,6 +94,8 @@ fn bad_hotplug_and_swap_flags_are_one_line() {
 
 #[test]
 fn memory_too_small_for_the_kernel_is_one_line() {
+    // The VMM opens /dev/kvm before it reads the kernel.
+    memory::require!(Kvm);
     // The ELF segment wants to load at 64 MiB; the VM has 32 MiB.
     let mut elf = vec![0u8; 0x1000];
     elf[0..4].copy_from_slice(b"\x7fELF");

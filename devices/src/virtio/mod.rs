@@ -1,16 +1,21 @@
 //! The virtio layer: the [`VirtioDevice`] trait every virtio device implements, the
 //! virtio-mmio transport ([`mmio`]), the interrupt a device raises ([`VirtioInterrupt`]) and the
-//! conformance tests stamped onto every device ([`conformance`]).
+//! device lifecycle every device shares ([`lifecycle`]).
 //!
 //! A device never sees the transport. At activation it receives an [`Activation`]: guest memory,
 //! its queues, one eventfd per queue (the VMM registers the transport's copies as ioeventfds) and
-//! the interrupt. Devices also implement `event_manager::MutEventSubscriber` so that the VMM's
-//! event loop runs their queue processing; activation happens on a vCPU thread, so a device
-//! signals its own eventfd from [`VirtioDevice::activate`] and adds the queue eventfds to the
-//! event loop when that eventfd fires.
+//! the interrupt. What happens to those between activation and reset — and how the queue
+//! eventfds get into and out of an `event-manager` loop although activation happens on a vCPU
+//! thread — is written once, in [`lifecycle`]; every device keeps a [`DeviceLifecycle`].
+//!
+//! With the `test-utils` feature, [`fake`] has an interrupt and a device that record what they
+//! are asked, and [`conformance`] the tests stamped onto every device.
 
+#[cfg(any(test, feature = "test-utils"))]
 pub mod conformance;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod fake;
+pub mod lifecycle;
 pub mod mmio;
 
 use std::fmt::Debug;
@@ -20,6 +25,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+pub use lifecycle::{DeviceEvent, DeviceLifecycle};
 pub use mmio::{MmioError, MmioInterrupt, MmioTransport};
 
 /// Device status bits (virtio 1.x, 2.1).
@@ -87,7 +93,7 @@ pub enum InterruptKind {
 }
 
 /// The interrupt a device raises, as the transport implements it. Tests use
-/// [`fake::FakeInterrupt`], which records each call.
+/// `fake::FakeInterrupt` (feature `test-utils`), which records each call.
 pub trait VirtioInterrupt: Send + Sync + Debug {
     /// Raises an interrupt of `kind`.
     fn trigger(&self, kind: InterruptKind) -> Result<(), VirtioError>;

@@ -21,7 +21,7 @@ pub mod age;
 pub mod file;
 pub mod metrics;
 pub mod state;
-mod uffd;
+pub(crate) mod uffd;
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -35,7 +35,7 @@ use std::time::Instant;
 use serde::Serialize;
 use vm_memory::GuestAddress;
 
-use crate::{DiscardRam, GuestRam, RamError, PAGE_SIZE};
+use crate::{DiscardRam, GuestRam, Metric, RamError, PAGE_SIZE};
 
 pub use age::{Ages, DirtyLog};
 pub use file::{GuestPieces, SlotAllocator, SwapBacking, SwapFile};
@@ -43,6 +43,10 @@ pub use metrics::{LatencyHistogram, SwapMetrics};
 pub use state::{StateMachine, SwapState, Transition};
 
 use uffd::{Resolve, Uffd};
+
+/// A VM's swapper once armed (empty before), shared between its owner and whoever routes
+/// discards to it ([`crate::discard::GuestDiscard`]).
+pub type SwapperCell = Arc<std::sync::RwLock<Option<Arc<Swapper>>>>;
 
 /// Errors of the swap subsystem.
 #[derive(Debug, thiserror::Error)]
@@ -195,16 +199,6 @@ pub struct SwapStatus {
     /// Recent state transitions, oldest first.
     pub transitions: Vec<Transition>,
 }
-
-/// The names in [`Swapper::metrics`] that are levels (gauges), not counts.
-pub const GAUGE_METRICS: &[&str] = &[
-    "swap_state",
-    "swap_swapped_pages",
-    "swap_zero_pages",
-    "swap_file_size_bytes",
-    "swap_fault_latency_p50_us",
-    "swap_fault_latency_p99_us",
-];
 
 // Page table entries: a slot number, or one of these.
 const IN_RAM: u32 = u32::MAX;
@@ -1152,27 +1146,88 @@ impl Swapper {
         }
     }
 
-    /// The status as `(name, value)` pairs for `GET /metrics` (the VMM adds the VM label); the
-    /// names in [`GAUGE_METRICS`] are levels, the others counts.
-    pub fn metrics(&self) -> Vec<(&'static str, u64)> {
+    /// The status as metrics for `GET /metrics` (the exporter adds its prefix and the VM
+    /// label): levels (state, sizes, latency quantiles) are gauges, the rest counters. A flat
+    /// table, one entry per metric: its length is the number of metrics, not logic.
+    pub fn metrics(&self) -> Vec<Metric> {
         let s = self.status();
         vec![
-            ("swap_state", s.state.code()),
-            ("swap_swapped_pages", s.swapped_pages),
-            ("swap_zero_pages", s.zero_pages),
-            ("swap_file_size_bytes", s.file_size_bytes),
-            ("swap_faults_served", s.faults_served),
-            ("swap_zero_faults", s.zero_faults),
-            ("swap_wp_faults", s.wp_faults),
-            ("swap_fault_latency_p50_us", s.fault_latency_p50_us),
-            ("swap_fault_latency_p99_us", s.fault_latency_p99_us),
-            ("swap_bytes_written", s.bytes_written),
-            ("swap_bytes_read", s.bytes_read),
-            ("swap_pages_swapped_in", s.pages_swapped_in),
-            ("swap_raced_pages", s.raced_pages),
-            ("swap_write_errors", s.write_errors),
-            ("swap_read_errors", s.read_errors),
-            ("swap_errors", s.errors),
+            Metric::level(
+                "swap_state",
+                "Swap state (0 idle, 1 swapping out, 2 active, 3 swapping in, 4 failed).",
+                s.state.code(),
+            ),
+            Metric::level(
+                "swap_swapped_pages",
+                "Guest pages in swap.",
+                s.swapped_pages,
+            ),
+            Metric::level(
+                "swap_zero_pages",
+                "Swapped-out pages that were zero (no file space).",
+                s.zero_pages,
+            ),
+            Metric::level(
+                "swap_file_size_bytes",
+                "Size of the swap file.",
+                s.file_size_bytes,
+            ),
+            Metric::counter(
+                "swap_faults_served",
+                "Guest faults served from the swap file.",
+                s.faults_served,
+            ),
+            Metric::counter(
+                "swap_zero_faults",
+                "Guest faults served with a zero page.",
+                s.zero_faults,
+            ),
+            Metric::counter(
+                "swap_wp_faults",
+                "Write-protect faults (a write raced a swap-out).",
+                s.wp_faults,
+            ),
+            Metric::level(
+                "swap_fault_latency_p50_us",
+                "Median fault service time, microseconds.",
+                s.fault_latency_p50_us,
+            ),
+            Metric::level(
+                "swap_fault_latency_p99_us",
+                "99th percentile fault service time, microseconds.",
+                s.fault_latency_p99_us,
+            ),
+            Metric::counter(
+                "swap_bytes_written",
+                "Bytes written to the swap file.",
+                s.bytes_written,
+            ),
+            Metric::counter(
+                "swap_bytes_read",
+                "Bytes read from the swap file.",
+                s.bytes_read,
+            ),
+            Metric::counter(
+                "swap_pages_swapped_in",
+                "Pages brought back by a swap-in.",
+                s.pages_swapped_in,
+            ),
+            Metric::counter(
+                "swap_raced_pages",
+                "Pages a write kept in RAM during a swap-out.",
+                s.raced_pages,
+            ),
+            Metric::counter(
+                "swap_write_errors",
+                "Failed writes to the swap file.",
+                s.write_errors,
+            ),
+            Metric::counter(
+                "swap_read_errors",
+                "Failed reads from the swap file.",
+                s.read_errors,
+            ),
+            Metric::counter("swap_errors", "All swap errors.", s.errors),
         ]
     }
 }

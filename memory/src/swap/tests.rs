@@ -1,4 +1,5 @@
-//! Swapper tests: host threads stand in for the guest on userfaultfd-registered memory.
+//! Swapper tests: host threads stand in for the guest on userfaultfd-registered memory. Every
+//! test that registers memory starts with `require!(UffdWriteProtect)` (see `test_utils`).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -9,7 +10,7 @@ use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
-use crate::{GuestRam, RamRange};
+use crate::{GuestRam, MetricKind, RamRange};
 
 const PAGE: usize = PAGE_SIZE as usize;
 
@@ -79,6 +80,7 @@ fn mismatches_on_thread(ram: &GuestRam, seed: u8) -> Vec<usize> {
 
 #[test]
 fn pattern_survives_swap_out_and_fault_in() {
+    crate::require!(UffdWriteProtect);
     let ram = ram(&[(0, 4 << 20), (8 << 20, 4 << 20)]);
     let pages = ram.size_bytes() / PAGE_SIZE;
     write_pattern(&ram, 3);
@@ -111,6 +113,7 @@ fn pattern_survives_swap_out_and_fault_in() {
 
 #[test]
 fn zero_pages_are_not_written_and_come_back_as_zero() {
+    crate::require!(UffdWriteProtect);
     let ram = ram(&[(0, 1 << 20)]);
     // Touch all pages (resident), but only every 4th one gets data.
     for (i, addr) in pages_of(&ram).into_iter().enumerate() {
@@ -155,6 +158,7 @@ fn zero_pages_are_not_written_and_come_back_as_zero() {
 
 #[test]
 fn untouched_pages_are_skipped_and_read_as_zero() {
+    crate::require!(UffdWriteProtect);
     let ram = ram(&[(0, 1 << 20)]);
     ram.memory()
         .write_slice(&pattern_page(0, 1), GuestAddress(0))
@@ -181,6 +185,7 @@ fn untouched_pages_are_skipped_and_read_as_zero() {
 
 #[test]
 fn swap_in_everything_returns_to_idle_and_empties_the_file() {
+    crate::require!(UffdWriteProtect);
     let ram = ram(&[(0, 2 << 20)]);
     write_pattern(&ram, 5);
     let s = swapper(&ram);
@@ -205,6 +210,7 @@ fn swap_in_everything_returns_to_idle_and_empties_the_file() {
 
 #[test]
 fn partial_targets_swap_out_and_in_to_the_target() {
+    crate::require!(UffdWriteProtect);
     let ram = ram(&[(0, 2 << 20)]);
     write_pattern(&ram, 6);
     let s = swapper(&ram);
@@ -253,6 +259,7 @@ fn bitmap(pages: usize, set: impl Fn(usize) -> bool) -> Vec<u64> {
 
 #[test]
 fn least_recently_written_pages_go_first() {
+    crate::require!(UffdWriteProtect);
     let ram = ram(&[(0, 1 << 20)]);
     write_pattern(&ram, 7);
     let s = swapper(&ram);
@@ -276,6 +283,7 @@ fn least_recently_written_pages_go_first() {
 
 #[test]
 fn ten_thousand_random_pages_of_64_mib_come_back_in_random_order() {
+    crate::require!(UffdWriteProtect);
     let ram = ram(&[(0, 64 << 20)]);
     let pages = (64 << 20) / PAGE;
     write_pattern(&ram, 11);
@@ -338,6 +346,7 @@ fn ten_thousand_random_pages_of_64_mib_come_back_in_random_order() {
 
 #[test]
 fn concurrent_writer_during_swap_out_loses_no_write() {
+    crate::require!(UffdWriteProtect);
     concurrent_writer_loses_no_write(SwapOptions::default().batch_pages);
 }
 
@@ -345,6 +354,7 @@ fn concurrent_writer_during_swap_out_loses_no_write() {
 /// while the next one is write-protected and the previous one committed.
 #[test]
 fn concurrent_writer_during_pipelined_swap_out_loses_no_write() {
+    crate::require!(UffdWriteProtect);
     concurrent_writer_loses_no_write(64);
 }
 
@@ -423,6 +433,7 @@ fn concurrent_writer_loses_no_write(batch_pages: usize) {
 
 #[test]
 fn forget_gives_up_the_slot_and_reads_zero() {
+    crate::require!(UffdWriteProtect);
     let ram = ram(&[(0, 1 << 20)]);
     write_pattern(&ram, 17);
     let s = swapper(&ram);
@@ -546,6 +557,7 @@ impl SwapBacking for Arc<Recording> {
 
 #[test]
 fn a_pipelined_swap_out_writes_at_most_a_mebibyte_at_a_time_and_loses_nothing() {
+    crate::require!(UffdWriteProtect);
     // Two ranges, every 5th page zero: batches of 1024 pages (the default) cross the range
     // boundary, and slot runs are shorter than page runs.
     let ram = ram(&[(0, 12 << 20), (16 << 20, 8 << 20)]);
@@ -597,6 +609,7 @@ fn a_pipelined_swap_out_writes_at_most_a_mebibyte_at_a_time_and_loses_nothing() 
 
 #[test]
 fn a_full_disk_leaves_pages_in_ram_and_counts_the_error() {
+    crate::require!(UffdWriteProtect);
     let ram = ram(&[(0, 2 << 20)]);
     write_pattern(&ram, 19);
     let backing = Faulty::new(1);
@@ -678,6 +691,7 @@ fn read_first_page_on_thread(ram: &GuestRam) -> JoinHandle<()> {
 
 #[test]
 fn an_unreadable_swap_file_fails_the_swapper_loudly() {
+    crate::require!(UffdWriteProtect);
     let ram = ram(&[(0, 1 << 20)]);
     write_pattern(&ram, 23);
     let backing = Faulty::new(u64::MAX);
@@ -705,6 +719,7 @@ fn an_unreadable_swap_file_fails_the_swapper_loudly() {
 
 #[test]
 fn a_dead_fault_thread_is_detected_and_reported() {
+    crate::require!(UffdWriteProtect);
     let ram = ram(&[(0, 1 << 20)]);
     write_pattern(&ram, 29);
     let backing = Faulty::new(u64::MAX);
@@ -724,6 +739,7 @@ fn a_dead_fault_thread_is_detected_and_reported() {
 
 #[test]
 fn status_serializes_and_metrics_have_stable_names() {
+    crate::require!(UffdWriteProtect);
     let ram = ram(&[(0, 1 << 20)]);
     write_pattern(&ram, 31);
     let s = swapper(&ram);
@@ -736,11 +752,29 @@ fn status_serializes_and_metrics_have_stable_names() {
     assert!(json["fault_latency_p99_us"].is_u64());
     assert_eq!(json["transitions"][0]["to"], "swapping_out");
     let m = s.metrics();
-    let get = |n: &str| m.iter().find(|(k, _)| *k == n).map(|(_, v)| *v);
-    assert_eq!(get("swap_swapped_pages"), Some(128));
-    assert_eq!(get("swap_state"), Some(SwapState::Active.code()));
-    assert_eq!(get("swap_bytes_written"), Some(128 * PAGE_SIZE));
-    assert!(m.iter().all(|(k, _)| k.starts_with("swap_")));
+    let get = |n: &str| m.iter().find(|m| m.name == n).copied();
+    let kind = |n: &str| get(n).map(|m| m.kind());
+    assert_eq!(get("swap_swapped_pages").map(|m| m.as_u64()), Some(128));
+    assert_eq!(
+        get("swap_state").map(|m| m.as_u64()),
+        Some(SwapState::Active.code())
+    );
+    assert_eq!(
+        get("swap_bytes_written").map(|m| m.as_u64()),
+        Some(128 * PAGE_SIZE)
+    );
+    assert!(m.iter().all(|m| m.name.starts_with("swap_")));
+    // Levels are gauges, counts are counters: the swapper says which.
+    for level in [
+        "swap_state",
+        "swap_swapped_pages",
+        "swap_fault_latency_p99_us",
+    ] {
+        assert_eq!(kind(level), Some(MetricKind::Gauge), "{level}");
+    }
+    for count in ["swap_faults_served", "swap_bytes_written", "swap_errors"] {
+        assert_eq!(kind(count), Some(MetricKind::Counter), "{count}");
+    }
 }
 
 #[test]
@@ -754,6 +788,7 @@ fn runs_never_cross_a_range_boundary() {
 
 #[test]
 fn swap_cancel_stops_moving_pages_but_faults_are_still_served() {
+    crate::require!(UffdWriteProtect);
     let ram = ram(&[(0, 4 << 20)]);
     write_pattern(&ram, 9);
     let s = swapper(&ram);

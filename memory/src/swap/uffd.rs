@@ -557,12 +557,22 @@ mod tests {
     }
 
     #[test]
-    fn swap_uffd_kernel_offers_write_protect_on_anonymous_memory() {
-        let features = probe_features().expect("userfaultfd available (tests run as root)");
+    fn swap_uffd_registers_anonymous_memory_for_write_protect() {
+        crate::require!(UffdWriteProtect);
+        let ram = crate::GuestRam::new(&[crate::RamRange::new(0, 1 << 20)]).expect("map");
+        let (_, host) = ram.host_ranges()[0];
+        let uffd = Uffd::new(FEATURE_PAGEFAULT_FLAG_WP).expect("userfaultfd with write-protect");
+        let ioctls = uffd
+            .register(host as u64, 1 << 20, true)
+            .expect("register for missing and write-protect faults");
         assert_ne!(
-            features & FEATURE_PAGEFAULT_FLAG_WP,
+            ioctls & 1 << 0x06,
             0,
-            "features {features:#x}"
+            "UFFDIO_WRITEPROTECT allowed: {ioctls:#x}"
         );
+        uffd.write_protect(host as u64, 1 << 20, true)
+            .expect("write-protect the range");
+        uffd.write_protect(host as u64, 1 << 20, false)
+            .expect("and lift it");
     }
 }
