@@ -390,6 +390,37 @@ mod tests {
     }
 
     #[test]
+    fn the_host_file_table_reads_as_toml() {
+        // As `[host.policy]` of a host file carries it (the table's own keys).
+        let text = r#"
+            mode = "on"
+            tick_ms = 500
+            idle_tax = 0.5
+            decisions_per_tick = 4
+            [tools]
+            swap = false
+            [rate_limits]
+            balloon_mib = 64
+            [states]
+            soft_pct = 50
+            [pressure]
+            major_faults_per_s = 1000.0
+        "#;
+        let p: Policy = toml::from_str(text).expect("a TOML policy");
+        assert_eq!(p.mode, Mode::On);
+        assert_eq!(p.tick_ms, 500);
+        assert_eq!(p.idle_tax, 0.5);
+        assert!(!p.tools.swap && p.tools.balloon);
+        assert_eq!(p.rate_limits.balloon_mib, 64);
+        assert_eq!(p.states.soft_pct, 50);
+        assert_eq!(p.states.hard_pct, StateMarks::default().hard_pct);
+        assert_eq!(p.pressure.major_faults_per_s, 1000.0);
+        assert_eq!(p.validate(), Ok(()));
+        let e = toml::from_str::<Policy>("[tools]\nballoons = true").expect_err("typo");
+        assert!(e.to_string().contains("balloons"), "{e}");
+    }
+
+    #[test]
     fn unknown_keys_are_refused_by_name() {
         let e = serde_json::from_str::<Policy>(r#"{"idle_tx": 0.5}"#).expect_err("typo");
         assert!(e.to_string().contains("idle_tx"), "{e}");

@@ -1024,3 +1024,28 @@ fn stale_guest_statistics_are_ignored() {
         "nothing known"
     );
 }
+
+#[test]
+fn counters_that_restart_after_a_guest_reboot_are_not_pressure() {
+    let policy = Policy::on();
+    let mut vm = vm_view("a", 1024);
+    vm.signals.balloon.as_mut().expect("balloon").stats =
+        Some(stats(500, 100, 1024, 900_000, 4096));
+    let mut view = HostView {
+        now_ms: 0,
+        memory_budget_mib: 4096,
+        min_free_mib: 64,
+        vms: vec![vm],
+    };
+    let mut state = SchedulerState::default();
+    decide(&policy, &view, &mut state);
+    // The guest rebooted: its cumulative counters start again from small values.
+    view.now_ms = 1000;
+    view.vms[0].signals.sampled_at_ms = 1000;
+    view.vms[0].signals.balloon.as_mut().expect("balloon").stats =
+        Some(stats(500, 100, 1024, 10, 0));
+    decide(&policy, &view, &mut state);
+    let r = state.vm("a").expect("report");
+    assert!(!r.pressed, "{r:?}");
+    assert_eq!(r.major_faults_per_s, 0.0);
+}
