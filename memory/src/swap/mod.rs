@@ -188,6 +188,8 @@ pub struct SwapStatus {
     pub write_errors: u64,
     /// Failed reads.
     pub read_errors: u64,
+    /// Pages whose bytes read back did not match their checksum (the swapper then fails).
+    pub checksum_errors: u64,
     /// All errors.
     pub errors: u64,
     /// Dirty-log intervals sampled into page ages.
@@ -219,6 +221,11 @@ const MAX_PAGES: u64 = RACED as u64;
 struct Table {
     pages: Vec<u32>,
     slots: SlotAllocator,
+    /// Per slot: the CRC32C of the page stored in it, checked when the page comes back.
+    sums: Vec<u32>,
+    /// Per slot: bumped whenever the slot is given up by its page, so that a reader who let go
+    /// of the table while reading the slot can tell whether it still holds what it read.
+    generations: Vec<u32>,
     /// Pages in a slot or `ZERO`.
     swapped: u64,
     zero: u64,
@@ -235,11 +242,20 @@ impl Table {
             }
             slot => {
                 self.slots.free(slot);
+                self.generations[slot as usize] = self.generations[slot as usize].wrapping_add(1);
                 self.swapped -= 1;
             }
         }
         self.pages[g] = IN_RAM;
     }
+}
+
+/// What page `g` held when a reader took it out of the table to read it without the lock.
+#[derive(Debug, Clone, Copy)]
+struct SlotRead {
+    slot: u32,
+    generation: u32,
+    sum: u32,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -288,6 +304,17 @@ impl Shared {
                 (r.first_page + page as usize, r.host + page * PAGE_SIZE)
             })
         })
+    }
+
+    /// The guest physical address of page `g`.
+    fn guest_addr(&self, g: usize) -> u64 {
+        let r = self
+            .ranges
+            .iter()
+            .rev()
+            .find(|r| r.first_page <= g)
+            .expect("page index inside guest RAM");
+        r.guest + (g - r.first_page) as u64 * PAGE_SIZE
     }
 
     fn host_addr(&self, g: usize) -> u64 {
@@ -349,19 +376,64 @@ impl Shared {
         Err(last.expect("three attempts were made"))
     }
 
-    /// Brings page `g` back into RAM if it is in swap; the caller holds the table.
-    fn swap_in_locked(&self, t: &mut Table, g: usize, buf: &mut PageBuf) -> Result<bool, String> {
+    /// Reads page `g`'s slot and installs it, without holding the table across the read (a
+    /// slow disk must not stall the API, swap-outs or discards, which all need the table).
+    ///
+    /// Takes the table, notes the slot and its generation, lets go, reads the slot into
+    /// `buf`, takes the table again and installs the page only if the page still holds that
+    /// slot in that generation (else looks again: the page was brought back, forgotten or
+    /// swapped anew meanwhile) and the bytes match the slot's checksum. Returns what the page
+    /// held when acted on (`IN_RAM`, `ZERO`, `OUTGOING`, `RACED`, or the slot now in `buf`),
+    /// with the table still held so the caller installs the page under it. An error is fatal:
+    /// the bytes on disk are unreadable or not the ones written.
+    fn bring_in<'a>(
+        &'a self,
+        g: usize,
+        buf: &mut PageBuf,
+    ) -> Result<(MutexGuard<'a, Table>, u32), String> {
+        loop {
+            let t = lock(&self.table);
+            let read = match t.pages[g] {
+                held @ (IN_RAM | ZERO | OUTGOING | RACED) => return Ok((t, held)),
+                slot => SlotRead {
+                    slot,
+                    generation: t.generations[slot as usize],
+                    sum: t.sums[slot as usize],
+                },
+            };
+            drop(t);
+            self.read_slot(read.slot, &mut buf.0)
+                .map_err(|e| format!("cannot read swap slot {}: {e}", read.slot))?;
+            let t = lock(&self.table);
+            if t.pages[g] != read.slot || t.generations[read.slot as usize] != read.generation {
+                continue;
+            }
+            let sum = crc32c::crc32c(&buf.0);
+            if sum != read.sum {
+                SwapMetrics::add(&self.metrics.checksum_errors, 1);
+                let gpa = self.guest_addr(g);
+                return Err(format!(
+                    "swap slot {} (guest page {gpa:#x}) failed its checksum: stored {:#010x}, \
+                     read {sum:#010x}",
+                    read.slot, read.sum
+                ));
+            }
+            return Ok((t, read.slot));
+        }
+    }
+
+    /// Brings page `g` back into RAM if it is in swap (a proactive swap-in).
+    fn swap_in_page(&self, g: usize, buf: &mut PageBuf) -> Result<bool, String> {
         let addr = self.host_addr(g);
-        match t.pages[g] {
+        let (mut t, held) = self.bring_in(g, buf)?;
+        match held {
+            IN_RAM | OUTGOING | RACED => return Ok(false),
             ZERO => {
                 self.uffd
                     .zeropage(addr, PAGE_SIZE)
                     .map_err(|e| format!("UFFDIO_ZEROPAGE at {addr:#x} failed: {e}"))?;
             }
-            IN_RAM | OUTGOING | RACED => return Ok(false),
-            slot => {
-                self.read_slot(slot, &mut buf.0)
-                    .map_err(|e| format!("cannot read swap slot {slot}: {e}"))?;
+            _slot => {
                 self.uffd
                     .copy(addr, &buf.0)
                     .map_err(|e| format!("UFFDIO_COPY at {addr:#x} failed: {e}"))?;
@@ -386,8 +458,8 @@ impl Shared {
                 .wake(page, PAGE_SIZE)
                 .map_err(|e| format!("UFFDIO_WAKE at {page:#x} failed: {e}"));
         };
-        let mut t = lock(&self.table);
         if f.is_wp() {
+            let mut t = lock(&self.table);
             SwapMetrics::add(&self.metrics.wp_faults, 1);
             if t.pages[g] == OUTGOING {
                 t.pages[g] = RACED;
@@ -399,7 +471,8 @@ impl Shared {
                 .write_protect(addr, PAGE_SIZE, false)
                 .map_err(|e| format!("clearing write protection at {addr:#x} failed: {e}"));
         }
-        match t.pages[g] {
+        let (mut t, held) = self.bring_in(g, buf)?;
+        match held {
             IN_RAM | ZERO | OUTGOING | RACED => {
                 // Never touched, discarded, or swapped out as zero: a zero page is the content.
                 if t.pages[g] == OUTGOING {
@@ -413,9 +486,7 @@ impl Shared {
                     .map_err(|e| format!("UFFDIO_ZEROPAGE at {addr:#x} failed: {e}"))?;
                 SwapMetrics::add(&self.metrics.zero_faults, 1);
             }
-            slot => {
-                self.read_slot(slot, &mut buf.0)
-                    .map_err(|e| format!("cannot read swap slot {slot}: {e}"))?;
+            _slot => {
                 let r = self
                     .uffd
                     .copy(addr, &buf.0)
@@ -430,10 +501,13 @@ impl Shared {
         Ok(())
     }
 
-    /// Step 5 of a swap-out batch: writes each run of consecutive slots with one `pwritev`
-    /// straight from guest RAM (stable: write-protected; a page written meanwhile is kept in RAM
-    /// by the commit anyway). Stops at the first failed write.
+    /// Step 5 of a swap-out batch: checksums each page and writes each run of consecutive
+    /// slots with one `pwritev` straight from guest RAM (stable: write-protected; a page written
+    /// meanwhile is kept in RAM by the commit anyway, and its checksum thrown away). A write
+    /// returns once the bytes are on the device (see [`SwapBacking::write_pages_at`]), so a
+    /// failed one is seen here, before the commit drops anything. Stops at the first failure.
     fn write_batch(&self, b: &mut Batch) {
+        let mut scratch = [0u64; (PAGE_SIZE / 8) as usize];
         let mut k = 0;
         while k < b.slots.len() {
             let mut e = k + 1;
@@ -441,8 +515,10 @@ impl Shared {
                 e += 1;
             }
             let mut run = GuestPieces::default();
-            for i in &b.nonzero[k..e] {
-                run.push(self.host_addr(b.pages[*i]), PAGE_SIZE as usize);
+            for (j, i) in b.nonzero[k..e].iter().enumerate() {
+                let addr = self.host_addr(b.pages[*i]);
+                b.sums[k + j] = uffd::page_crc32c(addr, &mut scratch);
+                run.push(addr, PAGE_SIZE as usize);
             }
             let offset = file::slot_offset(b.slots[k]);
             match self.backing.write_pages_at(&run, offset) {
@@ -605,6 +681,8 @@ impl Swapper {
             table: Mutex::new(Table {
                 pages: vec![IN_RAM; total],
                 slots: SlotAllocator::new(total as u32),
+                sums: vec![0; total],
+                generations: vec![0; total],
                 swapped: 0,
                 zero: 0,
             }),
@@ -911,6 +989,7 @@ impl Swapper {
         };
         Ok(Batch {
             written: vec![false; nonzero.len()],
+            sums: vec![0; nonzero.len()],
             pages,
             is_zero,
             nonzero,
@@ -926,11 +1005,11 @@ impl Swapper {
     fn commit_batch(&self, b: Batch) -> Result<BatchOut, SwapError> {
         let sh = &self.shared;
         let mut out = BatchOut::default();
-        let mut slot_of: Vec<Option<u32>> = vec![None; b.pages.len()];
+        let mut slot_of: Vec<Option<(u32, u32)>> = vec![None; b.pages.len()];
         let mut unwritten: Vec<u32> = Vec::new();
         for (j, i) in b.nonzero.iter().enumerate() {
             if b.written[j] {
-                slot_of[*i] = Some(b.slots[j]);
+                slot_of[*i] = Some((b.slots[j], b.sums[j]));
             } else {
                 unwritten.push(b.slots[j]);
             }
@@ -957,14 +1036,17 @@ impl Swapper {
             for ((&g, &is_zero), &slot) in chunk {
                 match (t.pages[g], is_zero, slot) {
                     (RACED, _, slot) => {
-                        if let Some(s) = slot {
+                        if let Some((s, _)) = slot {
                             t.slots.free(s);
                         }
                         t.pages[g] = IN_RAM;
                         out.raced += 1;
                     }
                     (OUTGOING, true, _) => drop_list.push((g, ZERO)),
-                    (OUTGOING, false, Some(s)) => drop_list.push((g, s)),
+                    (OUTGOING, false, Some((s, sum))) => {
+                        t.sums[s as usize] = sum;
+                        drop_list.push((g, s));
+                    }
                     (OUTGOING, false, None) => {
                         t.pages[g] = IN_RAM;
                         unprotect.push(g);
@@ -1059,13 +1141,11 @@ impl Swapper {
             if self.is_cancelled() {
                 break;
             }
-            let mut t = lock(&sh.table);
             for g in chunk {
-                match sh.swap_in_locked(&mut t, *g, &mut buf) {
+                match sh.swap_in_page(*g, &mut buf) {
                     Ok(true) => report.pages_swapped_in += 1,
                     Ok(false) => {}
                     Err(reason) => {
-                        drop(t);
                         sh.fail(reason.clone());
                         return Err(SwapError::Failed(reason));
                     }
@@ -1128,6 +1208,7 @@ impl Swapper {
         };
         let write_errors = SwapMetrics::get(&m.write_errors);
         let read_errors = SwapMetrics::get(&m.read_errors);
+        let checksum_errors = SwapMetrics::get(&m.checksum_errors);
         SwapStatus {
             state,
             failure,
@@ -1146,7 +1227,11 @@ impl Swapper {
             raced_pages: SwapMetrics::get(&m.raced_pages),
             write_errors,
             read_errors,
-            errors: write_errors + read_errors + SwapMetrics::get(&m.other_errors),
+            checksum_errors,
+            errors: write_errors
+                + read_errors
+                + checksum_errors
+                + SwapMetrics::get(&m.other_errors),
             age_samples: lock(&self.ages).samples(),
             transitions,
         }
@@ -1172,6 +1257,7 @@ impl Swapper {
             ("swap_raced_pages", s.raced_pages),
             ("swap_write_errors", s.write_errors),
             ("swap_read_errors", s.read_errors),
+            ("swap_checksum_errors", s.checksum_errors),
             ("swap_errors", s.errors),
         ]
     }
@@ -1225,6 +1311,8 @@ struct Batch {
     nonzero: Vec<usize>,
     /// The slot of each non-zero page (ascending).
     slots: Vec<u32>,
+    /// Per non-zero page: the CRC32C of what was written.
+    sums: Vec<u32>,
     /// Per non-zero page: its slot was written.
     written: Vec<bool>,
     /// A write failed.
