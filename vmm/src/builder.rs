@@ -27,7 +27,7 @@ use crate::arch::{cpuid, layout, regs};
 use crate::boot::{self, BootError, LoadedKernel};
 use crate::compat::HostCompat;
 use crate::config::{host_memory_bytes, VmConfig};
-use crate::console::{ConsoleState, ConsoleTap};
+use crate::console::{BufferedOutput, ConsoleState, ConsoleTap, CONSOLE_BUFFER_BYTES};
 use crate::memslots::{map_ram, GuestDiscard, KvmMemslots};
 use crate::swap::VmSwap;
 use crate::vcpu::{Vcpu, VmExit, VmShared};
@@ -504,7 +504,11 @@ fn setup_legacy_devices(
     compat: &HostCompat,
     created: Instant,
 ) -> Result<LegacyDevices, VmError> {
-    let (tap, console) = ConsoleTap::new(io.console_out, compat.boot_milestone(), created);
+    // The vCPU that writes the UART never waits for the user's writer (see `console`).
+    let (out, output) = BufferedOutput::spawn(io.console_out, CONSOLE_BUFFER_BYTES)
+        .map_err(host_err("the console output thread"))?;
+    let (tap, console) = ConsoleTap::new(Box::new(out), compat.boot_milestone(), created);
+    console.attach_output(output);
     let serial_irq = EventFdTrigger::new_nonblocking().map_err(host_err("the serial eventfd"))?;
     vm_fd
         .register_irqfd(serial_irq.eventfd(), COM1_IRQ)

@@ -137,6 +137,9 @@ pub enum DeviceError {
     RegionMemory(#[source] vm_memory::GuestRegionCollectionError),
 }
 
+/// How long a stopping VM waits for its buffered console output to be written.
+const CONSOLE_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// What the event loop's subscribers are.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -344,6 +347,12 @@ impl Vm {
         text.vmm_resident();
         text.guest_ram_resident(&self.id, self.resident_bytes());
         text.exit_counters(&self.id, &self.shared.exits);
+        text.counter(
+            "memvisor_console_dropped_bytes_total",
+            "Guest console bytes dropped because the console's reader did not keep up.",
+            &[("vm", self.id.as_str())],
+            self.console.dropped_bytes(),
+        );
         if let Some(st) = &self.last_sharing {
             // From the latest `GET /vms/{id}/sharing` sample (sampling has a cost, so a scrape
             // does not trigger one).
@@ -627,6 +636,8 @@ impl Vm {
             }
             let _ = handle.join();
         }
+        // What the guest printed last reaches the user, unless the user's writer is stuck.
+        self.console.drain(CONSOLE_DRAIN_TIMEOUT);
     }
 }
 

@@ -38,7 +38,7 @@ use vm_memory::GuestAddress;
 use crate::{DiscardRam, GuestRam, RamError, PAGE_SIZE};
 
 pub use age::{Ages, DirtyLog};
-pub use file::{GuestPieces, SlotAllocator, SwapBacking, SwapFile};
+pub use file::{GuestPieces, SlotAllocator, SwapBacking, SwapFile, WriteMode};
 pub use metrics::{LatencyHistogram, SwapMetrics};
 pub use state::{StateMachine, SwapState, Transition};
 

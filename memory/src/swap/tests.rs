@@ -198,7 +198,10 @@ fn swap_in_everything_returns_to_idle_and_empties_the_file() {
     assert_eq!(st.faults_served, 0, "brought back without faults");
     assert!(mismatches_on_thread(&ram, 5).is_empty());
     let path = st.file_path.expect("the file's name");
-    assert!(!path.exists(), "the swap file is unlinked as soon as it is open");
+    assert!(
+        !path.exists(),
+        "the swap file is unlinked as soon as it is open"
+    );
 }
 
 #[test]
@@ -830,7 +833,10 @@ impl SwapBacking for KeptFile {
 fn swapped_pages_do_not_stay_in_the_host_page_cache() {
     let dir = std::env::temp_dir();
     if is_tmpfs(&dir) {
-        eprintln!("skipped: {} is tmpfs, whose pages are its storage", dir.display());
+        eprintln!(
+            "skipped: {} is tmpfs, whose pages are its storage",
+            dir.display()
+        );
         return;
     }
     for mode in [file::WriteMode::Direct, file::WriteMode::Datasync] {
@@ -876,7 +882,11 @@ fn a_corrupted_swap_page_stops_the_swapper_instead_of_reaching_the_guest() {
 
     let failure = rx.recv_timeout(Duration::from_secs(10)).expect("told");
     assert!(failure.reason.contains("checksum"), "{}", failure.reason);
-    assert!(failure.reason.contains("guest page 0x0"), "{}", failure.reason);
+    assert!(
+        failure.reason.contains("guest page 0x0"),
+        "{}",
+        failure.reason
+    );
     let st = s.status();
     assert_eq!(st.state, SwapState::Failed);
     assert_eq!(st.checksum_errors, 1);
@@ -936,7 +946,8 @@ fn a_slow_disk_read_does_not_hold_the_page_table() {
     // What the API asks for and what the balloon does both need the table.
     let asked = Instant::now();
     let st = s.status();
-    s.forget(GuestAddress(PAGE_SIZE * 8), PAGE_SIZE).expect("forget");
+    s.forget(GuestAddress(PAGE_SIZE * 8), PAGE_SIZE)
+        .expect("forget");
     let waited = asked.elapsed();
 
     assert!(
@@ -944,6 +955,8 @@ fn a_slow_disk_read_does_not_hold_the_page_table() {
         "status and forget waited {waited:?} for a disk read"
     );
     assert_eq!(st.swapped_pages, 256);
-    blocked.join().expect("the fault is served after the slow read");
+    blocked
+        .join()
+        .expect("the fault is served after the slow read");
     assert_eq!(s.status().faults_served, 1);
 }

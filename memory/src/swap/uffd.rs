@@ -392,9 +392,8 @@ pub fn page_crc32c(addr: u64, scratch: &mut [u64; (crate::PAGE_SIZE / 8) as usiz
         *w = unsafe { p.add(i).read_volatile() };
     }
     // SAFETY: `scratch` is a live array of u64; viewing its bytes as u8 is always valid.
-    let bytes = unsafe {
-        std::slice::from_raw_parts(scratch.as_ptr().cast::<u8>(), size_of_val(scratch))
-    };
+    let bytes =
+        unsafe { std::slice::from_raw_parts(scratch.as_ptr().cast::<u8>(), size_of_val(scratch)) };
     crc32c::crc32c(bytes)
 }
 
