@@ -265,10 +265,9 @@ impl Vm {
         let Some(rx) = self.requests.take() else {
             return;
         };
-        while let Ok(Request { action, reply }) = rx.try_recv() {
-            let answer = self.handle_action(action);
-            // The asker may have given up waiting; nothing to do then.
-            let _ = reply.send(answer);
+        while let Ok(request) = rx.try_recv() {
+            // A request whose asker stopped waiting is answered with an error, not carried out.
+            request.answer(|action| self.handle_action(action));
         }
         self.requests = Some(rx);
     }
