@@ -86,3 +86,69 @@ fn a_console_nobody_reads_neither_blocks_the_guest_nor_the_stop() {
     assert_eq!(exit, VmExit::Stopped);
     eprintln!("stopped in {:?}", started.elapsed());
 }
+
+#[test]
+fn a_slow_sharing_sample_does_not_hold_up_the_event_loop() {
+    use memory::sharing::{SharingConfig, SharingSampler};
+    use vmm::action::{Action, ActionHandler, ActionReply};
+
+    // jmp $: the guest spins; only the API matters here.
+    let kernel = temp_file("sharing-spin", &tiny_elf(&[0xeb, 0xfe], 0x20_0000));
+    let mut config = VmConfig::new(kernel);
+    config.memory = memory::ByteSize(32 << 20);
+    let mut vm = Vm::new(
+        &config,
+        VmIo {
+            console_out: Box::new(std::io::sink()),
+        },
+    )
+    .expect("build VM");
+    // 4,096 pages at 1,000 pages per second: a sample takes more than 3 s.
+    vm.set_sharing_sampler(SharingSampler::new(SharingConfig {
+        sample_pages: 4096,
+        max_pages_per_s: Some(1000),
+        seed: 7,
+    }))
+    .expect("sampler");
+    let handle = Arc::new(vm.handle().expect("handle"));
+    vm.start().expect("start");
+
+    let sampling = {
+        let handle = handle.clone();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let reply = handle.handle(Some("vm0"), Action::GetSharing);
+            (reply, started.elapsed())
+        })
+    };
+    let asking = {
+        let handle = handle.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(500));
+            let started = Instant::now();
+            let reply = handle.handle(Some("vm0"), Action::GetVm);
+            (reply, started.elapsed())
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(sampling.is_finished() && asking.is_finished()) {
+        assert!(Instant::now() < deadline, "the API did not answer in 30 s");
+        assert_eq!(vm.wait_timeout(Duration::from_millis(20)), None);
+    }
+    let (sample, sample_took) = sampling.join().expect("sampling");
+    let (info, info_took) = asking.join().expect("asking");
+
+    let Ok(ActionReply::Json(report)) = sample else {
+        panic!("sharing: {sample:?}");
+    };
+    assert!(matches!(info, Ok(ActionReply::Vm(_))), "{info:?}");
+    assert!(
+        sample_took > Duration::from_secs(2),
+        "the sample was not slow ({sample_took:?}): {report}"
+    );
+    assert!(
+        info_took < Duration::from_millis(500),
+        "GET /vms/vm0 waited {info_took:?} behind a {sample_took:?} sharing sample"
+    );
+    assert_eq!(vm.stop(), VmExit::Stopped);
+}

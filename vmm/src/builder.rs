@@ -121,8 +121,10 @@ pub(crate) fn build(config: &VmConfig, io: VmIo, compat: HostCompat) -> Result<V
         exit: None,
         id: "vm0".to_owned(),
         requests: None,
-        sharing: memory::sharing::SharingSampler::new(memory::sharing::SharingConfig::default()),
-        last_sharing: None,
+        sharing: crate::sharing::SharingWorker::spawn(memory::sharing::SharingSampler::new(
+            memory::sharing::SharingConfig::default(),
+        ))
+        .map_err(host_err("the sharing sampler thread"))?,
         _ksm_guard: ksm_guard,
         swap,
         age_sampler: false,

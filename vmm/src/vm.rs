@@ -213,8 +213,7 @@ pub struct Vm {
     pub(crate) exit: Option<VmExit>,
     pub(crate) id: String,
     pub(crate) requests: Option<mpsc::Receiver<Request>>,
-    pub(crate) sharing: memory::sharing::SharingSampler,
-    pub(crate) last_sharing: Option<memory::sharing::SharingStats>,
+    pub(crate) sharing: crate::sharing::SharingWorker,
     pub(crate) _ksm_guard: Option<memory::ksm::KsmGuard>,
     pub(crate) swap: Arc<VmSwap>,
     pub(crate) age_sampler: bool,
@@ -266,6 +265,13 @@ impl Vm {
             return;
         };
         while let Ok(request) = rx.try_recv() {
+            // Sampling sleeps to keep to its page budget: the `sharing` thread answers it.
+            if request.action == crate::action::Action::GetSharing
+                && self.state() != VmState::Stopped
+            {
+                self.sharing.submit(self.ram.clone(), request);
+                continue;
+            }
             // A request whose asker stopped waiting is answered with an error, not carried out.
             request.answer(|action| self.handle_action(action));
         }
@@ -352,7 +358,7 @@ impl Vm {
             &[("vm", self.id.as_str())],
             self.console.dropped_bytes(),
         );
-        if let Some(st) = &self.last_sharing {
+        if let Some(st) = &self.sharing.last() {
             // From the latest `GET /vms/{id}/sharing` sample (sampling has a cost, so a scrape
             // does not trigger one).
             let labels = [("vm", self.id.as_str())];
@@ -439,6 +445,16 @@ impl Vm {
             });
         }
         text.finish()
+    }
+
+    /// Samples page sharing with `sampler` from now on (e.g. another page budget).
+    pub fn set_sharing_sampler(
+        &mut self,
+        sampler: memory::sharing::SharingSampler,
+    ) -> Result<(), VmError> {
+        self.sharing = crate::sharing::SharingWorker::spawn(sampler)
+            .map_err(host_err("the sharing sampler thread"))?;
+        Ok(())
     }
 
     /// The balloon device, if the VM has one.
