@@ -18,7 +18,7 @@ use hotplug::{VirtioMem, VirtioMemConfig};
 use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use linux_loader::cmdline::Cmdline;
-use memory::ksm::{Ksm, KsmGuard, KsmRun, DEFAULT_PAGES_TO_SCAN, DEFAULT_SLEEP_MS};
+use memory::ksm::{Ksm, KsmUser, DEFAULT_PAGES_TO_SCAN, DEFAULT_SLEEP_MS};
 use memory::GuestRam;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
@@ -194,7 +194,7 @@ fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
 /// Maps guest RAM and gives the host its advice: mergeable for KSM (with host KSM turned on
 /// while the VM lives, see [`enable_host_ksm`]), or transparent huge pages. Not mapped into
 /// KVM yet.
-fn setup_ram(config: &VmConfig) -> Result<(GuestRam, Option<KsmGuard>), VmError> {
+fn setup_ram(config: &VmConfig) -> Result<(GuestRam, Option<KsmUser>), VmError> {
     let ram = GuestRam::new(&layout::ram_ranges(config.memory.bytes()))?;
     let mut ksm_guard = None;
     if config.mergeable {
@@ -209,10 +209,10 @@ fn setup_ram(config: &VmConfig) -> Result<(GuestRam, Option<KsmGuard>), VmError>
     Ok((ram, ksm_guard))
 }
 
-/// KSM scans only while `run` is 1: turns it on at memvisor's rate if it is off; the guard
-/// puts the host's settings back when the VM goes. Never fatal: without KSM the VM runs, its
-/// pages are just not merged.
-fn enable_host_ksm() -> Option<KsmGuard> {
+/// KSM scans only while `run` is 1: turns it on at memvisor's rate if it is off. The host's
+/// settings come back when the last mergeable VM of the process goes ([`Ksm::share_on`]). Never
+/// fatal: without KSM the VM runs, its pages are just not merged.
+fn enable_host_ksm() -> Option<KsmUser> {
     let ksm = match Ksm::open() {
         Ok(ksm) => ksm,
         Err(e) => {
@@ -220,19 +220,10 @@ fn enable_host_ksm() -> Option<KsmGuard> {
             return None;
         }
     };
-    match ksm.settings() {
-        Ok(s) if s.run != KsmRun::Running => {
-            match ksm.enable_scoped(DEFAULT_PAGES_TO_SCAN, DEFAULT_SLEEP_MS) {
-                Ok(guard) => Some(guard),
-                Err(e) => {
-                    tracing::warn!("cannot turn host KSM on: {e}");
-                    None
-                }
-            }
-        }
-        Ok(_) => None,
+    match ksm.share_on(DEFAULT_PAGES_TO_SCAN, DEFAULT_SLEEP_MS) {
+        Ok(user) => Some(user),
         Err(e) => {
-            tracing::warn!("cannot read host KSM settings: {e}");
+            tracing::warn!("cannot turn host KSM on: {e}");
             None
         }
     }

@@ -214,7 +214,7 @@ pub struct Vm {
     pub(crate) id: String,
     pub(crate) requests: Option<mpsc::Receiver<Request>>,
     pub(crate) sharing: crate::sharing::SharingWorker,
-    pub(crate) _ksm_guard: Option<memory::ksm::KsmGuard>,
+    pub(crate) _ksm_guard: Option<memory::ksm::KsmUser>,
     pub(crate) swap: Arc<VmSwap>,
     pub(crate) age_sampler: bool,
 }
