@@ -279,6 +279,8 @@ struct Shared {
     machine: Mutex<StateMachine>,
     on_failure: Option<FailureCallback>,
     stopping: AtomicBool,
+    /// Guest RAM was unregistered from the userfaultfd after a failure.
+    released: AtomicBool,
 }
 
 impl fmt::Debug for Shared {
@@ -352,6 +354,34 @@ impl Shared {
                 cb(&SwapFailure { reason });
             }
         }
+    }
+
+    /// After a failure: unregisters guest RAM from the userfaultfd, which wakes every thread
+    /// blocked on a fault nobody will serve now (a vCPU, the event loop emulating a device, a
+    /// swap worker) so that the VM can stop. What was in swap is lost: those pages fault as
+    /// zero pages from here on, which is why only a failed swapper, whose VM is stopping, does
+    /// it. Once.
+    fn release_faults(&self) {
+        if self.released.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for r in &self.ranges {
+            if let Err(e) = self.uffd.unregister(r.host, r.len) {
+                tracing::error!("cannot unregister guest RAM from the userfaultfd: {e}");
+            }
+        }
+        tracing::warn!("swap failed: guest RAM released from userfaultfd, blocked faults woken");
+    }
+
+    /// The end of the fault-handling thread after a failure: gives the VMM
+    /// [`FAILED_RELEASE_GRACE`] to stop the VM (and its vCPUs) the ordinary way, then releases
+    /// the faults itself, in case the thread that would stop the VM is one of those blocked.
+    fn release_after_grace(&self, stop: &uffd::EventFd) {
+        if !self.stopping.load(Ordering::Acquire) {
+            let ms = i32::try_from(FAILED_RELEASE_GRACE.as_millis()).unwrap_or(i32::MAX);
+            uffd::poll_readable(stop.raw_fd(), ms);
+        }
+        self.release_faults();
     }
 
     fn failed(&self) -> Option<String> {
@@ -583,8 +613,13 @@ impl Shared {
 #[repr(C, align(4096))]
 struct PageBuf([u8; PAGE_SIZE as usize]);
 
-/// Reports the fault-handling thread's end, however it ends.
-struct HandlerGuard(Arc<Shared>);
+/// How long a failed fault-handling thread leaves the VMM to stop the VM before it wakes the
+/// threads blocked on faults itself (see `Shared::release_after_grace`).
+pub const FAILED_RELEASE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reports the fault-handling thread's end, however it ends, and then makes sure no thread
+/// stays blocked on a fault nobody serves.
+struct HandlerGuard(Arc<Shared>, Arc<uffd::EventFd>);
 
 impl Drop for HandlerGuard {
     fn drop(&mut self) {
@@ -594,6 +629,9 @@ impl Drop for HandlerGuard {
         } else if !self.0.stopping.load(Ordering::Acquire) {
             self.0
                 .fail("the swap fault-handling thread exited".to_string());
+        }
+        if self.0.failed().is_some() {
+            self.0.release_after_grace(&self.1);
         }
     }
 }
@@ -693,6 +731,7 @@ impl Swapper {
             machine: Mutex::new(StateMachine::new()),
             on_failure: options.on_failure,
             stopping: AtomicBool::new(false),
+            released: AtomicBool::new(false),
         });
         let stop = Arc::new(uffd::EventFd::new().map_err(SwapError::Thread)?);
         let thread_shared = Arc::clone(&shared);
@@ -700,7 +739,7 @@ impl Swapper {
         let handler = std::thread::Builder::new()
             .name("swap-faults".into())
             .spawn(move || {
-                let guard = HandlerGuard(thread_shared);
+                let guard = HandlerGuard(thread_shared, thread_stop.clone());
                 if let Err(reason) = guard.0.run_handler(&thread_stop) {
                     guard.0.fail(reason);
                 }
@@ -725,6 +764,15 @@ impl Swapper {
 
     fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Acquire)
+    }
+
+    /// For the teardown of a failed swapper: wakes every thread blocked on a fault (see
+    /// [`FAILED_RELEASE_GRACE`]; the fault-handling thread does it by itself after that long).
+    /// Does nothing unless the swapper has failed.
+    pub fn release_faults(&self) {
+        if self.shared.failed().is_some() {
+            self.shared.release_faults();
+        }
     }
 
     /// Fails the swapper if the fault-handling thread is gone; returns the failure, if any.

@@ -960,3 +960,86 @@ fn a_slow_disk_read_does_not_hold_the_page_table() {
         .expect("the fault is served after the slow read");
     assert_eq!(s.status().faults_served, 1);
 }
+
+#[test]
+fn a_failed_swapper_releases_blocked_threads_even_if_nobody_tears_it_down() {
+    // The thread blocked on the fault may be the one that would stop the VM (the event loop
+    // emulating a device): the swapper must not wait to be dropped.
+    let ram = ram(&[(0, 1 << 20)]);
+    write_pattern(&ram, 53);
+    let backing = Faulty::new(u64::MAX);
+    let (s, rx) = failing_swapper(&ram, &backing);
+    s.swap_out(1 << 20).expect("swap out");
+    backing.fail_reads.store(true, Ordering::SeqCst);
+    let failed_at = Instant::now();
+
+    let blocked = read_first_page_on_thread(&ram);
+    rx.recv_timeout(Duration::from_secs(10)).expect("told");
+
+    let deadline = Instant::now() + FAILED_RELEASE_GRACE + Duration::from_secs(5);
+    while !blocked.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "a thread is still blocked on a fault nobody serves"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    blocked.join().expect("released");
+    assert!(
+        failed_at.elapsed() >= FAILED_RELEASE_GRACE / 2,
+        "the VMM had its grace period"
+    );
+    assert_eq!(s.status().state, SwapState::Failed);
+}
+
+#[test]
+fn a_panicking_fault_handler_releases_blocked_threads_too() {
+    let ram = ram(&[(0, 1 << 20)]);
+    write_pattern(&ram, 59);
+    let backing = Faulty::new(u64::MAX);
+    let (s, rx) = failing_swapper(&ram, &backing);
+    s.swap_out(1 << 20).expect("swap out");
+    backing.panic_reads.store(true, Ordering::SeqCst);
+
+    let blocked = read_first_page_on_thread(&ram);
+    let failure = rx.recv_timeout(Duration::from_secs(10)).expect("told");
+    assert!(failure.reason.contains("panicked"), "{}", failure.reason);
+
+    let deadline = Instant::now() + FAILED_RELEASE_GRACE + Duration::from_secs(5);
+    while !blocked.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "still blocked after a handler panic"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    blocked.join().expect("released");
+    drop(s);
+}
+
+#[test]
+fn release_faults_wakes_blocked_threads_at_once_for_a_failed_swapper_only() {
+    let ram = ram(&[(0, 1 << 20)]);
+    write_pattern(&ram, 61);
+    let backing = Faulty::new(u64::MAX);
+    let (s, rx) = failing_swapper(&ram, &backing);
+    s.swap_out(1 << 20).expect("swap out");
+    s.release_faults();
+    assert!(
+        mismatches_on_thread(&ram, 61).is_empty(),
+        "a healthy swapper keeps serving faults"
+    );
+    backing.fail_reads.store(true, Ordering::SeqCst);
+    s.swap_out(1 << 20).expect("swap out again");
+
+    let blocked = read_first_page_on_thread(&ram);
+    rx.recv_timeout(Duration::from_secs(10)).expect("told");
+    let asked = Instant::now();
+    s.release_faults();
+    blocked.join().expect("released");
+    assert!(
+        asked.elapsed() < FAILED_RELEASE_GRACE / 2,
+        "{:?}",
+        asked.elapsed()
+    );
+}

@@ -35,6 +35,7 @@ const IOC_READ: u64 = 2;
 const IOC_RW: u64 = 3;
 const UFFDIO_API: u64 = ioc(IOC_RW, 0x3F, 24);
 const UFFDIO_REGISTER: u64 = ioc(IOC_RW, 0x00, 32);
+const UFFDIO_UNREGISTER: u64 = ioc(IOC_READ, 0x01, 16);
 const UFFDIO_WAKE: u64 = ioc(IOC_READ, 0x02, 16);
 const UFFDIO_COPY: u64 = ioc(IOC_RW, 0x03, 40);
 const UFFDIO_ZEROPAGE: u64 = ioc(IOC_RW, 0x04, 32);
@@ -223,6 +224,14 @@ impl Uffd {
         };
         self.ioctl(UFFDIO_REGISTER, &mut reg)?;
         Ok(reg.ioctls)
+    }
+
+    /// Unregisters `len` bytes at `start`: threads blocked on faults there are woken, and from
+    /// then on the range faults like ordinary anonymous memory (zero pages where nothing is
+    /// mapped).
+    pub fn unregister(&self, start: u64, len: u64) -> io::Result<()> {
+        let mut range = UffdioRange { start, len };
+        self.ioctl(UFFDIO_UNREGISTER, &mut range)
     }
 
     /// Wakes threads blocked on faults in the range.
@@ -433,6 +442,18 @@ impl EventFd {
     }
 }
 
+/// Waits up to `timeout_ms` for `fd` to become readable; returns whether it did.
+pub fn poll_readable(fd: RawFd, timeout_ms: i32) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is one live pollfd structure, as the count says.
+    let ret = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    ret > 0 && pfd.revents & libc::POLLIN != 0
+}
+
 /// Which of the two polled fds are readable.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Ready {
@@ -600,6 +621,7 @@ mod tests {
         // Values printed by a C program including <linux/userfaultfd.h>.
         assert_eq!(UFFDIO_API, 0xc018_aa3f);
         assert_eq!(UFFDIO_REGISTER, 0xc020_aa00);
+        assert_eq!(UFFDIO_UNREGISTER, 0x8010_aa01);
         assert_eq!(UFFDIO_WAKE, 0x8010_aa02);
         assert_eq!(UFFDIO_COPY, 0xc028_aa03);
         assert_eq!(UFFDIO_ZEROPAGE, 0xc020_aa04);
