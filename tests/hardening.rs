@@ -99,7 +99,7 @@ fn a_slow_sharing_sample_does_not_hold_up_the_event_loop() {
     let mut vm = Vm::new(
         &config,
         VmIo {
-            console_out: Box::new(std::io::sink()),
+            console_out: Box::new(io::sink()),
         },
     )
     .expect("build VM");

@@ -839,7 +839,7 @@ fn swapped_pages_do_not_stay_in_the_host_page_cache() {
         );
         return;
     }
-    for mode in [file::WriteMode::Direct, file::WriteMode::Datasync] {
+    for mode in [WriteMode::Direct, WriteMode::Datasync] {
         let ram = ram(&[(0, 8 << 20)]);
         write_pattern(&ram, 41);
         let file = Arc::new(SwapFile::create_with(&dir, mode).expect("file"));
