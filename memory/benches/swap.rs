@@ -7,8 +7,10 @@
 //! `pwrite`s to a new file. Both sides also report the CPU time they used (the process's user +
 //! system time; the swap-out may use a second thread).
 //!
-//! `SWAP_BENCH_DIR` (default: the temp dir) and `SWAP_BENCH_MIB` (default 256) tune it;
-//! `bench/swap` runs it.
+//! `SWAP_BENCH_DIR` (default: the temp dir), `SWAP_BENCH_MIB` (default 256) and
+//! `SWAP_BENCH_MODE` (`direct`, the default, or `datasync`: how the swap file keeps its writes
+//! out of the page cache, see `memory::swap::file::WriteMode`) tune it; `bench/swap` runs it.
+//! The baseline stays a buffered write without fsync: what writing the data costs at best.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -16,7 +18,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use memory::swap::{SwapOptions, Swapper};
+use memory::swap::file::WriteMode;
+use memory::swap::{SwapFile, SwapOptions, Swapper};
 use memory::{GuestRam, RamRange, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -119,10 +122,13 @@ struct Round {
     handler_p99_us: u64,
 }
 
-fn swap_round(dir: &Path, bytes: usize, seed: u64) -> Round {
+fn swap_round(dir: &Path, mode: WriteMode, bytes: usize, seed: u64) -> Round {
     let ram = GuestRam::new(&[RamRange::new(0, bytes as u64)]).expect("guest RAM");
     fill(&ram, seed);
-    let swapper = Swapper::new(&ram, dir, SwapOptions::default()).expect("swapper");
+    let file = SwapFile::create_with(dir, mode).expect("swap file");
+    assert_eq!(file.mode(), mode, "the file system takes {mode:?}");
+    let swapper =
+        Swapper::with_backing(&ram, Box::new(file), SwapOptions::default()).expect("swapper");
     settle();
     let cpu = cpu_s();
     let start = Instant::now();
@@ -179,16 +185,21 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(256);
+    let mode = match std::env::var("SWAP_BENCH_MODE").as_deref() {
+        Ok("datasync") => WriteMode::Datasync,
+        Ok("direct") | Err(_) => WriteMode::Direct,
+        Ok(other) => panic!("SWAP_BENCH_MODE is direct or datasync, not {other:?}"),
+    };
     let bytes = size_mib << 20;
     println!(
-        "swap benchmark: {size_mib} MiB per round, {ROUNDS} rounds, dir {} (same data for both; \
-         no fsync for either; `sync` before each timed write)",
+        "swap benchmark: {size_mib} MiB per round, {ROUNDS} rounds, dir {}, swap file {mode:?} \
+         (same data for both; the baseline is buffered, no fsync; `sync` before each timed write)",
         dir.display()
     );
 
     // One untimed warm-up of each, so the first timed round does not pay for first-use costs.
     plain_write(&dir, bytes, 99);
-    swap_round(&dir, bytes, 99);
+    swap_round(&dir, mode, bytes, 99);
     let mut plain = Vec::new();
     let mut rounds = Vec::new();
     for r in 0..ROUNDS {
@@ -196,9 +207,9 @@ fn main() {
         let seed = r as u64;
         if r % 2 == 0 {
             plain.push(plain_write(&dir, bytes, seed));
-            rounds.push(swap_round(&dir, bytes, seed));
+            rounds.push(swap_round(&dir, mode, bytes, seed));
         } else {
-            rounds.push(swap_round(&dir, bytes, seed));
+            rounds.push(swap_round(&dir, mode, bytes, seed));
             plain.push(plain_write(&dir, bytes, seed));
         }
         let last = rounds.last().expect("a round");

@@ -7,10 +7,16 @@
 //!
 //! [`Ksm::enable`] returns the settings it replaced so that [`Ksm::restore`] can put them back;
 //! [`Ksm::enable_scoped`] does the same on drop.
+//!
+//! The VMM uses [`Ksm::share_on`]: one process may run several mergeable VMs, and the host's
+//! settings must come back only when the last of them is gone, not when the first one that
+//! happened to switch KSM on stops. Its [`KsmUser`]s are counted per KSM directory, process-wide.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use serde::Serialize;
 
@@ -280,6 +286,84 @@ impl Ksm {
     }
 }
 
+/// The users of KSM in this process, per KSM directory.
+#[derive(Debug)]
+struct Users {
+    count: usize,
+    /// The host's settings before the first user switched KSM on; `None` if it was already
+    /// running (then it is left running: someone else wants it).
+    previous: Option<KsmSettings>,
+}
+
+static USERS: Mutex<Option<HashMap<PathBuf, Users>>> = Mutex::new(None);
+
+fn users() -> std::sync::MutexGuard<'static, Option<HashMap<PathBuf, Users>>> {
+    USERS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Ksm {
+    /// Makes sure KSM runs for as long as the returned [`KsmUser`] lives. The first user in the
+    /// process switches KSM on at `pages_to_scan` every `sleep_ms` if it is not running, and
+    /// remembers the host's settings; later users only count. When the last user goes, the
+    /// host's settings come back (and nothing is written if KSM was running before the first).
+    pub fn share_on(&self, pages_to_scan: u64, sleep_ms: u64) -> Result<KsmUser, KsmError> {
+        let mut all = users();
+        let all = all.get_or_insert_with(HashMap::new);
+        if let Some(u) = all.get_mut(&self.dir) {
+            u.count += 1;
+        } else {
+            let settings = self.settings()?;
+            let previous = if settings.run == KsmRun::Running {
+                None
+            } else {
+                Some(self.enable(pages_to_scan, sleep_ms)?)
+            };
+            all.insert(self.dir.clone(), Users { count: 1, previous });
+        }
+        Ok(KsmUser { ksm: self.clone() })
+    }
+}
+
+/// One VM's need for KSM; see [`Ksm::share_on`].
+#[derive(Debug)]
+pub struct KsmUser {
+    ksm: Ksm,
+}
+
+impl KsmUser {
+    /// Whether this process switched KSM on (and will switch it back when its last user goes).
+    pub fn switched_on(&self) -> bool {
+        users()
+            .as_ref()
+            .and_then(|all| all.get(&self.ksm.dir))
+            .is_some_and(|u| u.previous.is_some())
+    }
+}
+
+impl Drop for KsmUser {
+    fn drop(&mut self) {
+        let mut all = users();
+        let Some(all) = all.as_mut() else {
+            return;
+        };
+        let Some(u) = all.get_mut(&self.ksm.dir) else {
+            return;
+        };
+        u.count -= 1;
+        if u.count > 0 {
+            return;
+        }
+        if let Some(previous) = u.previous {
+            if let Err(e) = self.ksm.restore(&previous) {
+                tracing::error!("cannot restore KSM settings {previous:?}: {e}");
+            }
+        }
+        all.remove(&self.ksm.dir);
+    }
+}
+
 /// Restores KSM settings on drop; see [`Ksm::enable_scoped`].
 #[derive(Debug)]
 pub struct KsmGuard {
@@ -382,6 +466,43 @@ mod tests {
             assert_eq!(guard.previous(), &before);
             assert_eq!(ksm.settings().expect("settings").run, KsmRun::Running);
         }
+        assert_eq!(ksm.settings().expect("settings"), before);
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn host_settings_come_back_only_when_the_last_user_goes() {
+        let dir = fake_dir("users", FAKE);
+        let ksm = Ksm::with_dir(&dir).expect("fake ksm");
+        let before = ksm.settings().expect("settings");
+        assert_eq!(before.run, KsmRun::Stopped);
+
+        let first = ksm.share_on(1000, 20).expect("first VM");
+        assert!(first.switched_on());
+        let second = ksm.share_on(1000, 20).expect("second VM");
+        assert_eq!(ksm.settings().expect("settings").run, KsmRun::Running);
+        drop(first);
+        assert_eq!(
+            ksm.settings().expect("settings").run,
+            KsmRun::Running,
+            "the second VM still needs KSM"
+        );
+        drop(second);
+        assert_eq!(ksm.settings().expect("settings"), before);
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn ksm_running_before_the_first_user_is_left_alone() {
+        let dir = fake_dir("already-on", FAKE);
+        fs::write(dir.join("run"), "1\n").expect("write");
+        fs::write(dir.join("pages_to_scan"), "77\n").expect("write");
+        let ksm = Ksm::with_dir(&dir).expect("fake ksm");
+        let before = ksm.settings().expect("settings");
+        let user = ksm.share_on(1000, 20).expect("user");
+        assert!(!user.switched_on());
+        assert_eq!(ksm.settings().expect("settings"), before, "nothing written");
+        drop(user);
         assert_eq!(ksm.settings().expect("settings"), before);
         fs::remove_dir_all(&dir).expect("cleanup");
     }

@@ -3,6 +3,8 @@
 //! Every range is mapped `MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE`, so that KSM
 //! (`MADV_MERGEABLE`), userfaultfd and `MADV_DONTNEED` all work on the same memory, and a discard
 //! really gives the pages back to the host. The `vmm` crate hands each region to KVM as a memslot.
+//! Guest RAM is also marked `MADV_DONTDUMP`: a core dump of the VMM never carries a guest's
+//! memory (its secrets, and gigabytes nobody needs to debug the VMM).
 
 use std::io;
 
@@ -136,10 +138,14 @@ impl GuestRam {
             regions.push(region);
         }
         let mem = GuestMemoryMmap::from_regions(regions).map_err(|_| RamError::Overlap)?;
-        Ok(GuestRam {
+        let ram = GuestRam {
             mem,
             ranges: ranges.to_vec(),
-        })
+        };
+        for r in &ram.ranges {
+            ram.madvise(r.start, r.size, libc::MADV_DONTDUMP, "MADV_DONTDUMP")?;
+        }
+        Ok(ram)
     }
 
     /// The guest memory, for devices and loaders.
@@ -291,6 +297,39 @@ impl GuestRam {
 mod tests {
     use super::*;
     use vm_memory::Bytes;
+
+    /// The `VmFlags` of the mapping that holds `addr`, from `/proc/self/smaps`.
+    fn vm_flags(addr: *mut u8) -> Vec<String> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+        let addr = addr as usize;
+        let holds = |l: &str| {
+            let Some((range, _)) = l.split_once(' ') else {
+                return false;
+            };
+            let Some((a, b)) = range.split_once('-') else {
+                return false;
+            };
+            match (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
+                (Ok(a), Ok(b)) => a <= addr && addr < b,
+                _ => false,
+            }
+        };
+        let mut lines = smaps.lines().skip_while(|l| !holds(l));
+        assert!(lines.next().is_some(), "no mapping holds {addr:#x}");
+        let flags = lines
+            .find_map(|l| l.strip_prefix("VmFlags:"))
+            .expect("VmFlags line");
+        flags.split_whitespace().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn guest_ram_is_left_out_of_core_dumps() {
+        let ram = two_ranges();
+        for (_, ptr) in ram.host_ranges() {
+            let flags = vm_flags(ptr);
+            assert!(flags.iter().any(|f| f == "dd"), "{flags:?}");
+        }
+    }
 
     fn two_ranges() -> GuestRam {
         GuestRam::new(&[RamRange::new(0, 1 << 20), RamRange::new(4 << 20, 2 << 20)]).expect("map")

@@ -18,7 +18,7 @@ use hotplug::{VirtioMem, VirtioMemConfig};
 use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use linux_loader::cmdline::Cmdline;
-use memory::ksm::{Ksm, KsmGuard, KsmRun, DEFAULT_PAGES_TO_SCAN, DEFAULT_SLEEP_MS};
+use memory::ksm::{Ksm, KsmUser, DEFAULT_PAGES_TO_SCAN, DEFAULT_SLEEP_MS};
 use memory::{GuestDiscard, GuestRam, RamRange};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
@@ -27,7 +27,7 @@ use crate::arch::{cpuid, layout, regs};
 use crate::boot::{self, BootError, LoadedKernel};
 use crate::compat::HostCompat;
 use crate::config::{host_memory_bytes, VmConfig};
-use crate::console::{ConsoleState, ConsoleTap};
+use crate::console::{BufferedOutput, ConsoleState, ConsoleTap, CONSOLE_BUFFER_BYTES};
 use crate::memslots::{map_ram, KvmMemslots};
 use crate::swap::VmSwap;
 use crate::vcpu::{Vcpu, VmExit, VmShared};
@@ -123,8 +123,10 @@ fn build(config: &VmConfig, io: VmIo, compat: HostCompat) -> Result<Vm, VmError>
         exit: None,
         id: "vm0".to_owned(),
         requests: None,
-        sharing: memory::sharing::SharingSampler::new(memory::sharing::SharingConfig::default()),
-        last_sharing: None,
+        sharing: crate::sharing::SharingWorker::spawn(memory::sharing::SharingSampler::new(
+            memory::sharing::SharingConfig::default(),
+        ))
+        .map_err(host_err("the sharing sampler thread"))?,
         _ksm_guard: ksm_guard,
         swap,
         age_sampler: false,
@@ -191,7 +193,7 @@ fn create_vm(kvm: &Kvm) -> Result<(Arc<VmFd>, CpuId), VmError> {
 /// Maps guest RAM and gives the host its advice: mergeable for KSM (with host KSM turned on
 /// while the VM lives, see [`enable_host_ksm`]), or transparent huge pages. Not mapped into
 /// KVM yet.
-fn setup_ram(config: &VmConfig) -> Result<(GuestRam, Option<KsmGuard>), VmError> {
+fn setup_ram(config: &VmConfig) -> Result<(GuestRam, Option<KsmUser>), VmError> {
     let ram = GuestRam::new(&layout::ram_ranges(config.memory.bytes()))?;
     let mut ksm_guard = None;
     if config.mergeable {
@@ -206,10 +208,10 @@ fn setup_ram(config: &VmConfig) -> Result<(GuestRam, Option<KsmGuard>), VmError>
     Ok((ram, ksm_guard))
 }
 
-/// KSM scans only while `run` is 1: turns it on at memvisor's rate if it is off; the guard
-/// puts the host's settings back when the VM goes. Never fatal: without KSM the VM runs, its
-/// pages are just not merged.
-fn enable_host_ksm() -> Option<KsmGuard> {
+/// KSM scans only while `run` is 1: turns it on at memvisor's rate if it is off. The host's
+/// settings come back when the last mergeable VM of the process goes ([`Ksm::share_on`]). Never
+/// fatal: without KSM the VM runs, its pages are just not merged.
+fn enable_host_ksm() -> Option<KsmUser> {
     let ksm = match Ksm::open() {
         Ok(ksm) => ksm,
         Err(e) => {
@@ -217,19 +219,10 @@ fn enable_host_ksm() -> Option<KsmGuard> {
             return None;
         }
     };
-    match ksm.settings() {
-        Ok(s) if s.run != KsmRun::Running => {
-            match ksm.enable_scoped(DEFAULT_PAGES_TO_SCAN, DEFAULT_SLEEP_MS) {
-                Ok(guard) => Some(guard),
-                Err(e) => {
-                    tracing::warn!("cannot turn host KSM on: {e}");
-                    None
-                }
-            }
-        }
-        Ok(_) => None,
+    match ksm.share_on(DEFAULT_PAGES_TO_SCAN, DEFAULT_SLEEP_MS) {
+        Ok(user) => Some(user),
         Err(e) => {
-            tracing::warn!("cannot read host KSM settings: {e}");
+            tracing::warn!("cannot turn host KSM on: {e}");
             None
         }
     }
@@ -496,7 +489,11 @@ fn setup_legacy_devices(
     compat: &HostCompat,
     created: Instant,
 ) -> Result<LegacyDevices, VmError> {
-    let (tap, console) = ConsoleTap::new(io.console_out, compat.boot_milestone(), created);
+    // The vCPU that writes the UART never waits for the user's writer (see `console`).
+    let (out, output) = BufferedOutput::spawn(io.console_out, CONSOLE_BUFFER_BYTES)
+        .map_err(host_err("the console output thread"))?;
+    let (tap, console) = ConsoleTap::new(Box::new(out), compat.boot_milestone(), created);
+    console.attach_output(output);
     let serial_irq = EventFdTrigger::new_nonblocking().map_err(host_err("the serial eventfd"))?;
     vm_fd
         .register_irqfd(serial_irq.eventfd(), COM1_IRQ)

@@ -23,6 +23,7 @@ pub mod controller;
 pub mod ctl;
 pub mod memslots;
 pub mod metrics;
+pub mod sharing;
 pub mod swap;
 pub mod vcpu;
 pub mod vm;

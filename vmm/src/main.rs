@@ -141,7 +141,63 @@ fn build_config(args: RunArgs, file: RunFile, guest_dir: &Path) -> (VmConfig, Op
     (config, api_socket)
 }
 
+/// SIGTERM and SIGINT, blocked in every thread of `memvisor run` (threads inherit the mask of
+/// the thread that starts them) and taken by [`stop_on_signals`]'s thread with `sigwait`.
+fn stop_signals() -> libc::sigset_t {
+    // SAFETY: sigemptyset and sigaddset only write the set we own; the signal numbers are valid.
+    unsafe {
+        let mut set = std::mem::zeroed::<libc::sigset_t>();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        set
+    }
+}
+
+/// Blocks SIGTERM and SIGINT in this thread, before any other thread exists.
+fn block_stop_signals() -> anyhow::Result<()> {
+    let set = stop_signals();
+    // SAFETY: pthread_sigmask reads `set` and writes no old mask (null).
+    let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if ret != 0 {
+        anyhow::bail!(
+            "cannot block SIGTERM/SIGINT: {}",
+            std::io::Error::from_raw_os_error(ret)
+        );
+    }
+    Ok(())
+}
+
+/// The first SIGTERM or SIGINT stops the VM as `PUT /shutdown` would (the API socket and the
+/// swap file go with it, and the exit status is 0); a second one, should the stop hang, ends
+/// the process at once with 128 + the signal number.
+fn stop_on_signals(shared: Arc<vmm::vcpu::VmShared>) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let set = stop_signals();
+            let mut stopping = false;
+            loop {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: sigwait reads `set` and writes the signal number into `sig`.
+                if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                    continue;
+                }
+                if stopping {
+                    eprintln!("memvisor: second signal {sig} while stopping, exiting now");
+                    std::process::exit(128 + sig);
+                }
+                tracing::info!("signal {sig}: stopping the VM");
+                stopping = true;
+                shared.request_exit(VmExit::Stopped);
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(())
+}
+
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    block_stop_signals()?;
     let file = match &args.config {
         Some(path) => RunFile::load(path).map_err(anyhow::Error::msg)?,
         None => RunFile::default(),
@@ -169,6 +225,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
+    stop_on_signals(vm.shared().clone())?;
     let input = vm.console_input();
     // Console input: stdin is forwarded to the guest's UART as it arrives.
     std::thread::Builder::new()

@@ -267,6 +267,9 @@ impl VmSwap {
         if let Some(s) = self.swapper() {
             // A long swap-out stops after its current batch instead of holding up the stop.
             s.cancel();
+            // A failed swapper serves no more faults: wake whoever waits on one (the worker
+            // joined below may be one of them).
+            s.release_faults();
         }
         if let Some(h) = lock(&self.worker).take() {
             let _ = h.join();

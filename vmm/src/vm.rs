@@ -149,6 +149,9 @@ pub enum DeviceError {
     JoinRegion(#[source] memory::RamError),
 }
 
+/// How long a stopping VM waits for its buffered console output to be written.
+const CONSOLE_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// What the event loop's subscribers are.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -232,9 +235,8 @@ pub struct Vm {
     pub(crate) exit: Option<VmExit>,
     pub(crate) id: String,
     pub(crate) requests: Option<mpsc::Receiver<Request>>,
-    pub(crate) sharing: memory::sharing::SharingSampler,
-    pub(crate) last_sharing: Option<memory::sharing::SharingStats>,
-    pub(crate) _ksm_guard: Option<memory::ksm::KsmGuard>,
+    pub(crate) sharing: crate::sharing::SharingWorker,
+    pub(crate) _ksm_guard: Option<memory::ksm::KsmUser>,
     pub(crate) swap: Arc<VmSwap>,
     pub(crate) age_sampler: bool,
 }
@@ -274,10 +276,16 @@ impl Vm {
         let Some(rx) = self.requests.take() else {
             return;
         };
-        while let Ok(Request { action, reply }) = rx.try_recv() {
-            let answer = self.handle_action(action);
-            // The asker may have given up waiting; nothing to do then.
-            let _ = reply.send(answer);
+        while let Ok(request) = rx.try_recv() {
+            // Sampling sleeps to keep to its page budget: the `sharing` thread answers it.
+            if request.action == crate::action::Action::GetSharing
+                && self.state() != VmState::Stopped
+            {
+                self.sharing.submit(self.ram.clone(), request);
+                continue;
+            }
+            // A request whose asker stopped waiting is answered with an error, not carried out.
+            request.answer(|action| self.handle_action(action));
         }
         self.requests = Some(rx);
     }
@@ -354,7 +362,13 @@ impl Vm {
         text.guest_ram_resident(&self.id, self.resident_bytes());
         text.exit_counters(&self.id, &self.shared.exits);
         let vm = [("vm", self.id.as_str())];
-        if let Some(stats) = &self.last_sharing {
+        text.counter(
+            "memvisor_console_dropped_bytes_total",
+            "Guest console bytes dropped because the console's reader did not keep up.",
+            &vm,
+            self.console.dropped_bytes(),
+        );
+        if let Some(stats) = &self.sharing.last() {
             // From the latest `GET /vms/{id}/sharing` sample (sampling has a cost, so a scrape
             // does not trigger one).
             text.metrics("memvisor_sharing_", &vm, &stats.metrics());
@@ -371,6 +385,16 @@ impl Vm {
         }
         text.metrics("memvisor_device_", &device("swap"), &self.swap.metrics());
         text.finish()
+    }
+
+    /// Samples page sharing with `sampler` from now on (e.g. another page budget).
+    pub fn set_sharing_sampler(
+        &mut self,
+        sampler: memory::sharing::SharingSampler,
+    ) -> Result<(), VmError> {
+        self.sharing = crate::sharing::SharingWorker::spawn(sampler)
+            .map_err(host_err("the sharing sampler thread"))?;
+        Ok(())
     }
 
     /// The balloon device, if the VM has one.
@@ -567,6 +591,8 @@ impl Vm {
             }
             let _ = handle.join();
         }
+        // What the guest printed last reaches the user, unless the user's writer is stuck.
+        self.console.drain(CONSOLE_DRAIN_TIMEOUT);
     }
 }
 

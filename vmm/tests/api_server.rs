@@ -525,3 +525,96 @@ fn stopping_does_not_remove_a_socket_that_replaced_ours() {
         "removed a socket the server did not create"
     );
 }
+
+#[test]
+fn the_socket_is_never_seen_with_more_than_owner_permissions() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("api.sock");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (path, stop) = (path.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut seen = std::collections::BTreeSet::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(meta) = std::fs::symlink_metadata(&path) {
+                    seen.insert(meta.permissions().mode() & 0o777);
+                }
+            }
+            seen
+        })
+    };
+    for _ in 0..300 {
+        let server = ApiServer::start(&path, Arc::new(FakeHandler::new(&["vm0"]))).expect("start");
+        server.stop();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = watcher.join().expect("watcher");
+    assert!(
+        seen.contains(&0o600),
+        "the watcher saw the socket: {seen:?}"
+    );
+    assert_eq!(
+        seen.len(),
+        1,
+        "modes seen (octal): {:?}",
+        seen.iter().map(|m| format!("{m:o}")).collect::<Vec<_>>()
+    );
+}
+
+/// Open file descriptors of this process.
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").expect("fd dir").count()
+}
+
+#[test]
+fn thousands_of_connections_cost_the_server_at_most_its_cap() {
+    let f = start();
+    let before = open_fds();
+    let clients: Vec<UnixStream> = (0..2000)
+        .map(|_| UnixStream::connect(&f.socket).expect("connect"))
+        .collect();
+    // Let the server accept (and refuse) them all.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut refused = 0;
+    for c in &clients {
+        c.set_read_timeout(Some(Duration::from_millis(1)))
+            .expect("timeout");
+    }
+    while Instant::now() < deadline {
+        refused = 0;
+        for mut c in &clients {
+            let mut buf = [0u8; 256];
+            match c.read(&mut buf) {
+                Ok(n) if n > 0 => {
+                    assert!(buf.starts_with(b"HTTP/1.1 503"), "{:?}", &buf[..n]);
+                    refused += 1;
+                }
+                Ok(_) => refused += 1,
+                Err(_) => {}
+            }
+        }
+        if refused >= 2000 - vmm::api::MAX_CONNECTIONS {
+            break;
+        }
+    }
+    let server_fds = open_fds() - before - clients.len();
+    assert!(
+        server_fds <= vmm::api::MAX_CONNECTIONS + 8,
+        "the server holds {server_fds} descriptors for 2000 connections"
+    );
+    assert!(
+        refused >= 2000 - vmm::api::MAX_CONNECTIONS,
+        "{refused} refused"
+    );
+    drop(clients);
+    // Once they are gone, the server answers again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = f.request(Method::GET, "/api/v1/vms", None);
+        if reply.status == StatusCode::OK {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still refused: {}", reply.status);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

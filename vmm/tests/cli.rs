@@ -134,3 +134,111 @@ fn help_succeeds() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("--memory"));
 }
+
+/// A minimal ELF executable whose one segment, `jmp $` (the guest spins), loads and starts at
+/// 2 MiB: memvisor loads it like a vmlinux. (The layout of `memvisor_tests::tiny_elf`, which
+/// this crate cannot depend on.)
+fn spinning_kernel() -> Vec<u8> {
+    const LOAD: u64 = 0x20_0000;
+    const CODE: &[u8] = &[0xeb, 0xfe];
+    let mut f = vec![0u8; 0x1000];
+    f[0..4].copy_from_slice(b"\x7fELF");
+    f[4..7].copy_from_slice(&[2, 1, 1]); // 64-bit, little endian, version 1
+    f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    f[20..24].copy_from_slice(&1u32.to_le_bytes());
+    f[24..32].copy_from_slice(&LOAD.to_le_bytes()); // e_entry
+    f[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+    f[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
+    f[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+    f[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+    let p = &mut f[64..120];
+    p[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    p[4..8].copy_from_slice(&5u32.to_le_bytes()); // R+X
+    p[8..16].copy_from_slice(&0x1000u64.to_le_bytes()); // p_offset
+    p[16..24].copy_from_slice(&LOAD.to_le_bytes()); // p_vaddr
+    p[24..32].copy_from_slice(&LOAD.to_le_bytes()); // p_paddr
+    p[32..40].copy_from_slice(&(CODE.len() as u64).to_le_bytes()); // p_filesz
+    p[40..48].copy_from_slice(&(CODE.len() as u64).to_le_bytes()); // p_memsz
+    p[48..56].copy_from_slice(&0x1000u64.to_le_bytes()); // p_align
+    f.extend_from_slice(CODE);
+    f
+}
+
+/// `memvisor run` with an API socket and swap armed, stopped by `signal`: it must exit 0 within
+/// a bound and leave neither the socket nor a swap file behind. (Run with `--release` to check
+/// the release binary.)
+fn stop_by_signal(signal: i32, name: &str) {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kernel = dir.path().join("spin.elf");
+    std::fs::write(&kernel, spinning_kernel()).expect("write kernel");
+    let socket = dir.path().join("api.sock");
+    let swap_dir = dir.path().join("swap");
+    std::fs::create_dir(&swap_dir).expect("swap dir");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_memvisor"))
+        .args(["run", "--memory", "32M", "--kernel"])
+        .arg(&kernel)
+        .arg("--api-socket")
+        .arg(&socket)
+        .arg("--swap-dir")
+        .arg(&swap_dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start memvisor");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "no API socket within 30 s");
+        assert!(child.try_wait().expect("wait").is_none(), "memvisor ended");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ctl = memvisor(&[
+        "ctl",
+        "--api-socket",
+        socket.to_str().expect("utf-8"),
+        "swap",
+        "8M",
+    ]);
+    assert!(
+        ctl.status.success(),
+        "swap: {}",
+        String::from_utf8_lossy(&ctl.stderr)
+    );
+
+    // SAFETY: kill sends a signal to the child we started; it touches no memory.
+    let ret = unsafe { libc::kill(child.id() as i32, signal) };
+    assert_eq!(ret, 0, "kill");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("memvisor did not stop within 20 s of {name}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("read stderr");
+    assert!(status.success(), "{name}: {status:?}\n{stderr}");
+    assert!(!socket.exists(), "{name} left the API socket behind");
+    let left: Vec<_> = std::fs::read_dir(&swap_dir)
+        .expect("swap dir")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert!(left.is_empty(), "{name} left swap files: {left:?}");
+}
+
+#[test]
+fn sigterm_stops_the_vm_and_leaves_nothing_behind() {
+    stop_by_signal(libc::SIGTERM, "SIGTERM");
+}
+
+#[test]
+fn sigint_stops_the_vm_and_leaves_nothing_behind() {
+    stop_by_signal(libc::SIGINT, "SIGINT");
+}

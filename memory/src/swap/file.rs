@@ -18,26 +18,52 @@ use crate::PAGE_SIZE;
 /// Where swapped pages are stored. [`SwapFile`] is the real one; tests wrap it to inject
 /// failures.
 pub trait SwapBacking: Send + Sync + fmt::Debug {
-    /// Writes all bytes of `pages`, in order, at byte `offset`.
+    /// Writes all bytes of `pages`, in order, at byte `offset`. `Ok` means the bytes have
+    /// reached the storage device: a write error is reported here, never later at write-back,
+    /// because the swapper drops the guest's copy of the pages once this returns.
     fn write_pages_at(&self, pages: &GuestPieces, offset: u64) -> io::Result<()>;
-    /// Fills all of `buf` from byte `offset`.
+    /// Fills all of `buf` from byte `offset`. `buf` is page aligned and a whole page.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Truncates (or extends) the storage to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
-    /// Path of the file, if it has one.
+    /// Path of the file, if it has one (the name it was created under: see [`SwapFile`]).
     fn path(&self) -> Option<&Path>;
 }
 
-/// A swap file with a unique name in a directory, removed when dropped.
+/// How a [`SwapFile`] keeps its writes out of the host page cache, so that an overcommitting
+/// host really gets the memory back (see `docs/swap.md`, "Durability", for the measurements
+/// behind the default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteMode {
+    /// `O_DIRECT`: writes go from guest RAM to the device, errors are those of the write
+    /// itself, and nothing enters the page cache. The default; file systems without
+    /// `O_DIRECT` (tmpfs before Linux 6.6) get [`WriteMode::Datasync`] instead.
+    Direct,
+    /// Buffered writes, each followed by `fdatasync` (write-back errors are seen before the
+    /// call returns) and `POSIX_FADV_DONTNEED` on the range (the now clean pages leave the
+    /// page cache).
+    Datasync,
+}
+
+/// A swap file in a directory, unlinked as soon as it is open: it never outlives the process,
+/// even one that is killed or aborts. [`SwapBacking::path`] still gives the name it had.
 #[derive(Debug)]
 pub struct SwapFile {
     file: File,
     path: PathBuf,
+    mode: WriteMode,
 }
 
 impl SwapFile {
-    /// Creates `memvisor-swap-<pid>-<n>-<nanos>.swap` in `dir` (never reusing an existing file).
+    /// Creates `memvisor-swap-<pid>-<n>-<nanos>.swap` in `dir` (never reusing an existing
+    /// file), unlinks it, and writes with [`WriteMode::Direct`] where the file system allows.
     pub fn create(dir: &Path) -> io::Result<Self> {
+        Self::create_with(dir, WriteMode::Direct)
+    }
+
+    /// Like [`SwapFile::create`] with the given write mode ([`WriteMode::Direct`] falls back to
+    /// [`WriteMode::Datasync`] where the file system refuses `O_DIRECT`).
+    pub fn create_with(dir: &Path, mode: WriteMode) -> io::Result<Self> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -47,15 +73,32 @@ impl SwapFile {
             let n = COUNTER.fetch_add(1, Ordering::Relaxed);
             let name = format!("memvisor-swap-{}-{n}-{nanos:09}.swap", std::process::id());
             let path = dir.join(name);
-            match OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(libc::O_CLOEXEC)
-                .open(&path)
-            {
-                Ok(file) => return Ok(SwapFile { file, path }),
+            let open = |direct: bool| {
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_CLOEXEC | if direct { libc::O_DIRECT } else { 0 })
+                    .open(&path)
+            };
+            let opened = match open(mode == WriteMode::Direct) {
+                Err(e) if mode == WriteMode::Direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::info!(
+                        "no O_DIRECT in {}: swap writes are synced and dropped from the page \
+                         cache instead",
+                        dir.display()
+                    );
+                    open(false).map(|f| (f, WriteMode::Datasync))
+                }
+                other => other.map(|f| (f, mode)),
+            };
+            match opened {
+                Ok((file, mode)) => {
+                    // A crash from here on leaves nothing behind: the open fd keeps the data.
+                    std::fs::remove_file(&path)?;
+                    return Ok(SwapFile { file, path, mode });
+                }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(e),
             }
@@ -66,19 +109,26 @@ impl SwapFile {
     pub fn len_bytes(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.len())
     }
-}
 
-impl Drop for SwapFile {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_file(&self.path) {
-            tracing::warn!("cannot remove swap file {}: {e}", self.path.display());
-        }
+    /// The write mode in force.
+    pub fn mode(&self) -> WriteMode {
+        self.mode
+    }
+
+    /// The open file (tests corrupt it, measure its page-cache footprint).
+    pub fn file(&self) -> &File {
+        &self.file
     }
 }
 
 impl SwapBacking for SwapFile {
     fn write_pages_at(&self, pages: &GuestPieces, offset: u64) -> io::Result<()> {
-        super::uffd::pwritev_all(self.file.as_raw_fd(), &pages.pieces, offset)
+        let fd = self.file.as_raw_fd();
+        super::uffd::pwritev_all(fd, &pages.pieces, offset)?;
+        if self.mode == WriteMode::Datasync {
+            super::uffd::datasync_and_drop_cache(fd, offset, pages.len_bytes())?;
+        }
+        Ok(())
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)
@@ -244,25 +294,42 @@ mod tests {
         assert_eq!(a.in_use(), 0);
     }
 
-    #[test]
-    fn swap_file_has_a_unique_name_and_is_removed_on_drop() {
-        let dir = std::env::temp_dir();
-        let a = SwapFile::create(&dir).expect("create");
-        let b = SwapFile::create(&dir).expect("create");
-        assert_ne!(a.path, b.path);
-        let path = a.path.clone();
-        let data = [7u8; 8192];
+    /// A buffer of `pages` pages plus one, so that an aligned window of `pages` fits
+    /// (`O_DIRECT` needs page-aligned memory; see `aligned_pieces`).
+    fn aligned(pages: usize, byte: u8) -> Vec<[u8; 4096]> {
+        vec![[byte; 4096]; pages + 1]
+    }
+
+    fn aligned_pieces(buf: &[[u8; 4096]], pages: usize) -> GuestPieces {
+        let base = buf.as_ptr() as u64;
+        let start = base.next_multiple_of(4096);
         let mut pieces = GuestPieces::default();
-        pieces.push(data.as_ptr() as u64, 4096);
-        pieces.push(data.as_ptr() as u64 + 4096, 4096);
-        assert_eq!(pieces.pieces(), 1, "adjacent pieces merge");
-        a.write_pages_at(&pieces, slot_offset(1)).expect("write");
-        assert_eq!(a.len_bytes().expect("len"), 3 * 4096);
-        let mut back = [0u8; 4096];
-        a.read_at(&mut back, slot_offset(2)).expect("read");
-        assert!(back.iter().all(|b| *b == 7));
-        drop(a);
-        assert!(!path.exists());
+        for p in 0..pages as u64 {
+            pieces.push(start + p * 4096, 4096);
+        }
+        pieces
+    }
+
+    #[repr(C, align(4096))]
+    struct PageBuf([u8; 4096]);
+
+    #[test]
+    fn swap_file_is_unlinked_at_once_and_reads_back_what_was_written() {
+        let dir = std::env::temp_dir();
+        for mode in [WriteMode::Direct, WriteMode::Datasync] {
+            let a = SwapFile::create_with(&dir, mode).expect("create");
+            let b = SwapFile::create_with(&dir, mode).expect("create");
+            assert_ne!(a.path, b.path);
+            assert!(!a.path.exists(), "unlinked as soon as open");
+            let data = aligned(2, 7);
+            let pieces = aligned_pieces(&data, 2);
+            assert_eq!(pieces.pieces(), 1, "adjacent pieces merge");
+            a.write_pages_at(&pieces, slot_offset(1)).expect("write");
+            assert_eq!(a.len_bytes().expect("len"), 3 * 4096);
+            let mut back = PageBuf([0u8; 4096]);
+            a.read_at(&mut back.0, slot_offset(2)).expect("read");
+            assert!(back.0.iter().all(|b| *b == 7));
+        }
     }
 
     #[derive(Debug, Clone)]

@@ -26,6 +26,8 @@ pub struct SwapMetrics {
     pub write_errors: AtomicU64,
     /// Failed reads from the swap file.
     pub read_errors: AtomicU64,
+    /// Pages read back whose bytes did not match the checksum taken when they were written.
+    pub checksum_errors: AtomicU64,
     /// Other errors (madvise, write-protect, mincore).
     pub other_errors: AtomicU64,
 }

@@ -38,7 +38,7 @@ use vm_memory::GuestAddress;
 use crate::{DiscardRam, GuestRam, Metric, RamError, PAGE_SIZE};
 
 pub use age::{Ages, DirtyLog};
-pub use file::{GuestPieces, SlotAllocator, SwapBacking, SwapFile};
+pub use file::{GuestPieces, SlotAllocator, SwapBacking, SwapFile, WriteMode};
 pub use metrics::{LatencyHistogram, SwapMetrics};
 pub use state::{StateMachine, SwapState, Transition};
 
@@ -192,6 +192,8 @@ pub struct SwapStatus {
     pub write_errors: u64,
     /// Failed reads.
     pub read_errors: u64,
+    /// Pages whose bytes read back did not match their checksum (the swapper then fails).
+    pub checksum_errors: u64,
     /// All errors.
     pub errors: u64,
     /// Dirty-log intervals sampled into page ages.
@@ -213,6 +215,11 @@ const MAX_PAGES: u64 = RACED as u64;
 struct Table {
     pages: Vec<u32>,
     slots: SlotAllocator,
+    /// Per slot: the CRC32C of the page stored in it, checked when the page comes back.
+    sums: Vec<u32>,
+    /// Per slot: bumped whenever the slot is given up by its page, so that a reader who let go
+    /// of the table while reading the slot can tell whether it still holds what it read.
+    generations: Vec<u32>,
     /// Pages in a slot or `ZERO`.
     swapped: u64,
     zero: u64,
@@ -229,11 +236,20 @@ impl Table {
             }
             slot => {
                 self.slots.free(slot);
+                self.generations[slot as usize] = self.generations[slot as usize].wrapping_add(1);
                 self.swapped -= 1;
             }
         }
         self.pages[g] = IN_RAM;
     }
+}
+
+/// What page `g` held when a reader took it out of the table to read it without the lock.
+#[derive(Debug, Clone, Copy)]
+struct SlotRead {
+    slot: u32,
+    generation: u32,
+    sum: u32,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -257,6 +273,8 @@ struct Shared {
     machine: Mutex<StateMachine>,
     on_failure: Option<FailureCallback>,
     stopping: AtomicBool,
+    /// Guest RAM was unregistered from the userfaultfd after a failure.
+    released: AtomicBool,
 }
 
 impl fmt::Debug for Shared {
@@ -282,6 +300,17 @@ impl Shared {
                 (r.first_page + page as usize, r.host + page * PAGE_SIZE)
             })
         })
+    }
+
+    /// The guest physical address of page `g`.
+    fn guest_addr(&self, g: usize) -> u64 {
+        let r = self
+            .ranges
+            .iter()
+            .rev()
+            .find(|r| r.first_page <= g)
+            .expect("page index inside guest RAM");
+        r.guest + (g - r.first_page) as u64 * PAGE_SIZE
     }
 
     fn host_addr(&self, g: usize) -> u64 {
@@ -321,6 +350,34 @@ impl Shared {
         }
     }
 
+    /// After a failure: unregisters guest RAM from the userfaultfd, which wakes every thread
+    /// blocked on a fault nobody will serve now (a vCPU, the event loop emulating a device, a
+    /// swap worker) so that the VM can stop. What was in swap is lost: those pages fault as
+    /// zero pages from here on, which is why only a failed swapper, whose VM is stopping, does
+    /// it. Once.
+    fn release_faults(&self) {
+        if self.released.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for r in &self.ranges {
+            if let Err(e) = self.uffd.unregister(r.host, r.len) {
+                tracing::error!("cannot unregister guest RAM from the userfaultfd: {e}");
+            }
+        }
+        tracing::warn!("swap failed: guest RAM released from userfaultfd, blocked faults woken");
+    }
+
+    /// The end of the fault-handling thread after a failure: gives the VMM
+    /// [`FAILED_RELEASE_GRACE`] to stop the VM (and its vCPUs) the ordinary way, then releases
+    /// the faults itself, in case the thread that would stop the VM is one of those blocked.
+    fn release_after_grace(&self, stop: &uffd::EventFd) {
+        if !self.stopping.load(Ordering::Acquire) {
+            let ms = i32::try_from(FAILED_RELEASE_GRACE.as_millis()).unwrap_or(i32::MAX);
+            uffd::poll_readable(stop.raw_fd(), ms);
+        }
+        self.release_faults();
+    }
+
     fn failed(&self) -> Option<String> {
         let m = lock(&self.machine);
         (m.state() == SwapState::Failed).then(|| m.failure().unwrap_or("failed").to_string())
@@ -343,19 +400,64 @@ impl Shared {
         Err(last.expect("three attempts were made"))
     }
 
-    /// Brings page `g` back into RAM if it is in swap; the caller holds the table.
-    fn swap_in_locked(&self, t: &mut Table, g: usize, buf: &mut PageBuf) -> Result<bool, String> {
+    /// Reads page `g`'s slot and installs it, without holding the table across the read (a
+    /// slow disk must not stall the API, swap-outs or discards, which all need the table).
+    ///
+    /// Takes the table, notes the slot and its generation, lets go, reads the slot into
+    /// `buf`, takes the table again and installs the page only if the page still holds that
+    /// slot in that generation (else looks again: the page was brought back, forgotten or
+    /// swapped anew meanwhile) and the bytes match the slot's checksum. Returns what the page
+    /// held when acted on (`IN_RAM`, `ZERO`, `OUTGOING`, `RACED`, or the slot now in `buf`),
+    /// with the table still held so the caller installs the page under it. An error is fatal:
+    /// the bytes on disk are unreadable or not the ones written.
+    fn bring_in<'a>(
+        &'a self,
+        g: usize,
+        buf: &mut PageBuf,
+    ) -> Result<(MutexGuard<'a, Table>, u32), String> {
+        loop {
+            let t = lock(&self.table);
+            let read = match t.pages[g] {
+                held @ (IN_RAM | ZERO | OUTGOING | RACED) => return Ok((t, held)),
+                slot => SlotRead {
+                    slot,
+                    generation: t.generations[slot as usize],
+                    sum: t.sums[slot as usize],
+                },
+            };
+            drop(t);
+            self.read_slot(read.slot, &mut buf.0)
+                .map_err(|e| format!("cannot read swap slot {}: {e}", read.slot))?;
+            let t = lock(&self.table);
+            if t.pages[g] != read.slot || t.generations[read.slot as usize] != read.generation {
+                continue;
+            }
+            let sum = crc32c::crc32c(&buf.0);
+            if sum != read.sum {
+                SwapMetrics::add(&self.metrics.checksum_errors, 1);
+                let gpa = self.guest_addr(g);
+                return Err(format!(
+                    "swap slot {} (guest page {gpa:#x}) failed its checksum: stored {:#010x}, \
+                     read {sum:#010x}",
+                    read.slot, read.sum
+                ));
+            }
+            return Ok((t, read.slot));
+        }
+    }
+
+    /// Brings page `g` back into RAM if it is in swap (a proactive swap-in).
+    fn swap_in_page(&self, g: usize, buf: &mut PageBuf) -> Result<bool, String> {
         let addr = self.host_addr(g);
-        match t.pages[g] {
+        let (mut t, held) = self.bring_in(g, buf)?;
+        match held {
+            IN_RAM | OUTGOING | RACED => return Ok(false),
             ZERO => {
                 self.uffd
                     .zeropage(addr, PAGE_SIZE)
                     .map_err(|e| format!("UFFDIO_ZEROPAGE at {addr:#x} failed: {e}"))?;
             }
-            IN_RAM | OUTGOING | RACED => return Ok(false),
-            slot => {
-                self.read_slot(slot, &mut buf.0)
-                    .map_err(|e| format!("cannot read swap slot {slot}: {e}"))?;
+            _slot => {
                 self.uffd
                     .copy(addr, &buf.0)
                     .map_err(|e| format!("UFFDIO_COPY at {addr:#x} failed: {e}"))?;
@@ -380,8 +482,8 @@ impl Shared {
                 .wake(page, PAGE_SIZE)
                 .map_err(|e| format!("UFFDIO_WAKE at {page:#x} failed: {e}"));
         };
-        let mut t = lock(&self.table);
         if f.is_wp() {
+            let mut t = lock(&self.table);
             SwapMetrics::add(&self.metrics.wp_faults, 1);
             if t.pages[g] == OUTGOING {
                 t.pages[g] = RACED;
@@ -393,7 +495,8 @@ impl Shared {
                 .write_protect(addr, PAGE_SIZE, false)
                 .map_err(|e| format!("clearing write protection at {addr:#x} failed: {e}"));
         }
-        match t.pages[g] {
+        let (mut t, held) = self.bring_in(g, buf)?;
+        match held {
             IN_RAM | ZERO | OUTGOING | RACED => {
                 // Never touched, discarded, or swapped out as zero: a zero page is the content.
                 if t.pages[g] == OUTGOING {
@@ -407,9 +510,7 @@ impl Shared {
                     .map_err(|e| format!("UFFDIO_ZEROPAGE at {addr:#x} failed: {e}"))?;
                 SwapMetrics::add(&self.metrics.zero_faults, 1);
             }
-            slot => {
-                self.read_slot(slot, &mut buf.0)
-                    .map_err(|e| format!("cannot read swap slot {slot}: {e}"))?;
+            _slot => {
                 let r = self
                     .uffd
                     .copy(addr, &buf.0)
@@ -424,10 +525,13 @@ impl Shared {
         Ok(())
     }
 
-    /// Step 5 of a swap-out batch: writes each run of consecutive slots with one `pwritev`
-    /// straight from guest RAM (stable: write-protected; a page written meanwhile is kept in RAM
-    /// by the commit anyway). Stops at the first failed write.
+    /// Step 5 of a swap-out batch: checksums each page and writes each run of consecutive
+    /// slots with one `pwritev` straight from guest RAM (stable: write-protected; a page written
+    /// meanwhile is kept in RAM by the commit anyway, and its checksum thrown away). A write
+    /// returns once the bytes are on the device (see [`SwapBacking::write_pages_at`]), so a
+    /// failed one is seen here, before the commit drops anything. Stops at the first failure.
     fn write_batch(&self, b: &mut Batch) {
+        let mut scratch = [0u64; (PAGE_SIZE / 8) as usize];
         let mut k = 0;
         while k < b.slots.len() {
             let mut e = k + 1;
@@ -435,8 +539,10 @@ impl Shared {
                 e += 1;
             }
             let mut run = GuestPieces::default();
-            for i in &b.nonzero[k..e] {
-                run.push(self.host_addr(b.pages[*i]), PAGE_SIZE as usize);
+            for (j, i) in b.nonzero[k..e].iter().enumerate() {
+                let addr = self.host_addr(b.pages[*i]);
+                b.sums[k + j] = uffd::page_crc32c(addr, &mut scratch);
+                run.push(addr, PAGE_SIZE as usize);
             }
             let offset = file::slot_offset(b.slots[k]);
             match self.backing.write_pages_at(&run, offset) {
@@ -501,8 +607,13 @@ impl Shared {
 #[repr(C, align(4096))]
 struct PageBuf([u8; PAGE_SIZE as usize]);
 
-/// Reports the fault-handling thread's end, however it ends.
-struct HandlerGuard(Arc<Shared>);
+/// How long a failed fault-handling thread leaves the VMM to stop the VM before it wakes the
+/// threads blocked on faults itself (see `Shared::release_after_grace`).
+pub const FAILED_RELEASE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reports the fault-handling thread's end, however it ends, and then makes sure no thread
+/// stays blocked on a fault nobody serves.
+struct HandlerGuard(Arc<Shared>, Arc<uffd::EventFd>);
 
 impl Drop for HandlerGuard {
     fn drop(&mut self) {
@@ -512,6 +623,9 @@ impl Drop for HandlerGuard {
         } else if !self.0.stopping.load(Ordering::Acquire) {
             self.0
                 .fail("the swap fault-handling thread exited".to_string());
+        }
+        if self.0.failed().is_some() {
+            self.0.release_after_grace(&self.1);
         }
     }
 }
@@ -599,6 +713,8 @@ impl Swapper {
             table: Mutex::new(Table {
                 pages: vec![IN_RAM; total],
                 slots: SlotAllocator::new(total as u32),
+                sums: vec![0; total],
+                generations: vec![0; total],
                 swapped: 0,
                 zero: 0,
             }),
@@ -609,6 +725,7 @@ impl Swapper {
             machine: Mutex::new(StateMachine::new()),
             on_failure: options.on_failure,
             stopping: AtomicBool::new(false),
+            released: AtomicBool::new(false),
         });
         let stop = Arc::new(uffd::EventFd::new().map_err(SwapError::Thread)?);
         let thread_shared = Arc::clone(&shared);
@@ -616,7 +733,7 @@ impl Swapper {
         let handler = std::thread::Builder::new()
             .name("swap-faults".into())
             .spawn(move || {
-                let guard = HandlerGuard(thread_shared);
+                let guard = HandlerGuard(thread_shared, thread_stop.clone());
                 if let Err(reason) = guard.0.run_handler(&thread_stop) {
                     guard.0.fail(reason);
                 }
@@ -641,6 +758,15 @@ impl Swapper {
 
     fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Acquire)
+    }
+
+    /// For the teardown of a failed swapper: wakes every thread blocked on a fault (see
+    /// [`FAILED_RELEASE_GRACE`]; the fault-handling thread does it by itself after that long).
+    /// Does nothing unless the swapper has failed.
+    pub fn release_faults(&self) {
+        if self.shared.failed().is_some() {
+            self.shared.release_faults();
+        }
     }
 
     /// Fails the swapper if the fault-handling thread is gone; returns the failure, if any.
@@ -905,6 +1031,7 @@ impl Swapper {
         };
         Ok(Batch {
             written: vec![false; nonzero.len()],
+            sums: vec![0; nonzero.len()],
             pages,
             is_zero,
             nonzero,
@@ -920,11 +1047,11 @@ impl Swapper {
     fn commit_batch(&self, b: Batch) -> Result<BatchOut, SwapError> {
         let sh = &self.shared;
         let mut out = BatchOut::default();
-        let mut slot_of: Vec<Option<u32>> = vec![None; b.pages.len()];
+        let mut slot_of: Vec<Option<(u32, u32)>> = vec![None; b.pages.len()];
         let mut unwritten: Vec<u32> = Vec::new();
         for (j, i) in b.nonzero.iter().enumerate() {
             if b.written[j] {
-                slot_of[*i] = Some(b.slots[j]);
+                slot_of[*i] = Some((b.slots[j], b.sums[j]));
             } else {
                 unwritten.push(b.slots[j]);
             }
@@ -951,14 +1078,17 @@ impl Swapper {
             for ((&g, &is_zero), &slot) in chunk {
                 match (t.pages[g], is_zero, slot) {
                     (RACED, _, slot) => {
-                        if let Some(s) = slot {
+                        if let Some((s, _)) = slot {
                             t.slots.free(s);
                         }
                         t.pages[g] = IN_RAM;
                         out.raced += 1;
                     }
                     (OUTGOING, true, _) => drop_list.push((g, ZERO)),
-                    (OUTGOING, false, Some(s)) => drop_list.push((g, s)),
+                    (OUTGOING, false, Some((s, sum))) => {
+                        t.sums[s as usize] = sum;
+                        drop_list.push((g, s));
+                    }
                     (OUTGOING, false, None) => {
                         t.pages[g] = IN_RAM;
                         unprotect.push(g);
@@ -1053,13 +1183,11 @@ impl Swapper {
             if self.is_cancelled() {
                 break;
             }
-            let mut t = lock(&sh.table);
             for g in chunk {
-                match sh.swap_in_locked(&mut t, *g, &mut buf) {
+                match sh.swap_in_page(*g, &mut buf) {
                     Ok(true) => report.pages_swapped_in += 1,
                     Ok(false) => {}
                     Err(reason) => {
-                        drop(t);
                         sh.fail(reason.clone());
                         return Err(SwapError::Failed(reason));
                     }
@@ -1122,6 +1250,7 @@ impl Swapper {
         };
         let write_errors = SwapMetrics::get(&m.write_errors);
         let read_errors = SwapMetrics::get(&m.read_errors);
+        let checksum_errors = SwapMetrics::get(&m.checksum_errors);
         SwapStatus {
             state,
             failure,
@@ -1140,7 +1269,11 @@ impl Swapper {
             raced_pages: SwapMetrics::get(&m.raced_pages),
             write_errors,
             read_errors,
-            errors: write_errors + read_errors + SwapMetrics::get(&m.other_errors),
+            checksum_errors,
+            errors: write_errors
+                + read_errors
+                + checksum_errors
+                + SwapMetrics::get(&m.other_errors),
             age_samples: lock(&self.ages).samples(),
             transitions,
         }
@@ -1227,6 +1360,11 @@ impl Swapper {
                 "Failed reads from the swap file.",
                 s.read_errors,
             ),
+            Metric::counter(
+                "swap_checksum_errors",
+                "Swapped pages whose checksum did not match on fault-in.",
+                s.checksum_errors,
+            ),
             Metric::counter("swap_errors", "All swap errors.", s.errors),
         ]
     }
@@ -1280,6 +1418,8 @@ struct Batch {
     nonzero: Vec<usize>,
     /// The slot of each non-zero page (ascending).
     slots: Vec<u32>,
+    /// Per non-zero page: the CRC32C of what was written.
+    sums: Vec<u32>,
     /// Per non-zero page: its slot was written.
     written: Vec<bool>,
     /// A write failed.

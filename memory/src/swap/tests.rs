@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 
@@ -202,10 +202,11 @@ fn swap_in_everything_returns_to_idle_and_empties_the_file() {
     assert_eq!(st.file_size_bytes, 0);
     assert_eq!(st.faults_served, 0, "brought back without faults");
     assert!(mismatches_on_thread(&ram, 5).is_empty());
-    let path = st.file_path.expect("a file");
-    assert_eq!(std::fs::metadata(&path).expect("file exists").len(), 0);
-    drop(s);
-    assert!(!path.exists(), "swap file removed on drop");
+    let path = st.file_path.expect("the file's name");
+    assert!(
+        !path.exists(),
+        "the swap file is unlinked as soon as it is open"
+    );
 }
 
 #[test]
@@ -804,4 +805,276 @@ fn swap_cancel_stops_moving_pages_but_faults_are_still_served() {
     // The pages in swap still come back, with their bytes, when touched.
     assert!(mismatches_on_thread(&ram, 9).is_empty());
     assert_eq!(s.status().swapped_pages, 0);
+}
+
+/// Pages of `file` in the host page cache (mapped and checked with `mincore`).
+fn cached_pages(file: &std::fs::File) -> usize {
+    use std::os::fd::AsRawFd;
+    let len = file.metadata().expect("stat").len() as usize;
+    assert!(len > 0);
+    // SAFETY: maps `len` bytes of an open file read-only, shared; the mapping is only passed to
+    // mincore and unmapped below, never dereferenced.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED, "mmap the swap file");
+    let mut v = vec![0u8; len.div_ceil(PAGE)];
+    // SAFETY: `p` maps `len` bytes and `v` has one byte per page of them.
+    let ret = unsafe { libc::mincore(p, len, v.as_mut_ptr()) };
+    // SAFETY: unmaps exactly the mapping made above.
+    unsafe { libc::munmap(p, len) };
+    assert_eq!(ret, 0, "mincore");
+    v.iter().filter(|b| **b & 1 != 0).count()
+}
+
+/// Whether `dir` is on tmpfs (`TMPFS_MAGIC`), where a file's pages are its storage.
+fn is_tmpfs(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).expect("path");
+    // SAFETY: an all-zero statfs is a valid value; statfs fills it.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a C string and `st` a statfs, both live for the call.
+    let ret = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    ret == 0 && st.f_type == 0x0102_1994
+}
+
+/// The swap file as a backing the test keeps a handle on.
+#[derive(Debug)]
+struct KeptFile(Arc<SwapFile>);
+
+impl SwapBacking for KeptFile {
+    fn write_pages_at(&self, pages: &GuestPieces, offset: u64) -> io::Result<()> {
+        self.0.write_pages_at(pages, offset)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn path(&self) -> Option<&Path> {
+        self.0.path()
+    }
+}
+
+#[test]
+fn swapped_pages_do_not_stay_in_the_host_page_cache() {
+    let dir = std::env::temp_dir();
+    if is_tmpfs(&dir) {
+        eprintln!(
+            "skipped: {} is tmpfs, whose pages are its storage",
+            dir.display()
+        );
+        return;
+    }
+    for mode in [WriteMode::Direct, WriteMode::Datasync] {
+        let ram = ram(&[(0, 8 << 20)]);
+        write_pattern(&ram, 41);
+        let file = Arc::new(SwapFile::create_with(&dir, mode).expect("file"));
+        let s = Swapper::with_backing(
+            &ram,
+            Box::new(KeptFile(Arc::clone(&file))),
+            SwapOptions::default(),
+        )
+        .expect("swapper");
+
+        let report = s.swap_out(8 << 20).expect("swap out");
+
+        assert_eq!(report.pages_written, 2048);
+        let cached = cached_pages(file.file());
+        assert!(
+            cached < 2048 / 10,
+            "{mode:?}: {cached} of 2048 swapped pages still in the page cache"
+        );
+        assert!(mismatches_on_thread(&ram, 41).is_empty(), "{mode:?}");
+    }
+}
+
+#[test]
+fn a_corrupted_swap_page_stops_the_swapper_instead_of_reaching_the_guest() {
+    use std::os::unix::fs::FileExt;
+    let ram = ram(&[(0, 1 << 20)]);
+    write_pattern(&ram, 43);
+    let backing = Faulty::new(u64::MAX);
+    let (s, rx) = failing_swapper(&ram, &backing);
+    s.swap_out(1 << 20).expect("swap out");
+    // Page 0 went to slot 0: flip one bit of it on disk (a bad sector, a stray write).
+    // (Whole aligned pages: the file may be open with O_DIRECT.)
+    let mut page = PageBuf([0u8; PAGE]);
+    let f = backing.inner.file();
+    f.read_exact_at(&mut page.0, 0).expect("read the file");
+    page.0[100] ^= 0x10;
+    f.write_all_at(&page.0, 0).expect("corrupt the file");
+
+    let blocked = read_first_page_on_thread(&ram);
+
+    let failure = rx.recv_timeout(Duration::from_secs(10)).expect("told");
+    assert!(failure.reason.contains("checksum"), "{}", failure.reason);
+    assert!(
+        failure.reason.contains("guest page 0x0"),
+        "{}",
+        failure.reason
+    );
+    let st = s.status();
+    assert_eq!(st.state, SwapState::Failed);
+    assert_eq!(st.checksum_errors, 1);
+    // The guest never sees the bad bytes: the reader stays blocked until the VMM lets go.
+    assert!(!blocked.is_finished());
+    drop(s);
+    blocked.join().expect("released");
+}
+
+/// A swap file whose reads take `delay` once `slow` is set.
+#[derive(Debug)]
+struct Slow {
+    inner: SwapFile,
+    slow: AtomicBool,
+    reading: AtomicBool,
+    delay: Duration,
+}
+
+impl SwapBacking for Arc<Slow> {
+    fn write_pages_at(&self, pages: &GuestPieces, offset: u64) -> io::Result<()> {
+        self.inner.write_pages_at(pages, offset)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if self.slow.load(Ordering::SeqCst) {
+            self.reading.store(true, Ordering::SeqCst);
+            std::thread::sleep(self.delay);
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn path(&self) -> Option<&Path> {
+        self.inner.path()
+    }
+}
+
+#[test]
+fn a_slow_disk_read_does_not_hold_the_page_table() {
+    let ram = ram(&[(0, 1 << 20)]);
+    write_pattern(&ram, 47);
+    let backing = Arc::new(Slow {
+        inner: SwapFile::create(&std::env::temp_dir()).expect("file"),
+        slow: AtomicBool::new(false),
+        reading: AtomicBool::new(false),
+        delay: Duration::from_secs(3),
+    });
+    let s = Swapper::with_backing(&ram, Box::new(Arc::clone(&backing)), SwapOptions::default())
+        .expect("swapper");
+    s.swap_out(1 << 20).expect("swap out");
+    backing.slow.store(true, Ordering::SeqCst);
+
+    let blocked = read_first_page_on_thread(&ram);
+    while !backing.reading.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // What the API asks for and what the balloon does both need the table.
+    let asked = Instant::now();
+    let st = s.status();
+    s.forget(GuestAddress(PAGE_SIZE * 8), PAGE_SIZE)
+        .expect("forget");
+    let waited = asked.elapsed();
+
+    assert!(
+        waited < Duration::from_millis(500),
+        "status and forget waited {waited:?} for a disk read"
+    );
+    assert_eq!(st.swapped_pages, 256);
+    blocked
+        .join()
+        .expect("the fault is served after the slow read");
+    assert_eq!(s.status().faults_served, 1);
+}
+
+#[test]
+fn a_failed_swapper_releases_blocked_threads_even_if_nobody_tears_it_down() {
+    // The thread blocked on the fault may be the one that would stop the VM (the event loop
+    // emulating a device): the swapper must not wait to be dropped.
+    let ram = ram(&[(0, 1 << 20)]);
+    write_pattern(&ram, 53);
+    let backing = Faulty::new(u64::MAX);
+    let (s, rx) = failing_swapper(&ram, &backing);
+    s.swap_out(1 << 20).expect("swap out");
+    backing.fail_reads.store(true, Ordering::SeqCst);
+    let failed_at = Instant::now();
+
+    let blocked = read_first_page_on_thread(&ram);
+    rx.recv_timeout(Duration::from_secs(10)).expect("told");
+
+    let deadline = Instant::now() + FAILED_RELEASE_GRACE + Duration::from_secs(5);
+    while !blocked.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "a thread is still blocked on a fault nobody serves"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    blocked.join().expect("released");
+    assert!(
+        failed_at.elapsed() >= FAILED_RELEASE_GRACE / 2,
+        "the VMM had its grace period"
+    );
+    assert_eq!(s.status().state, SwapState::Failed);
+}
+
+#[test]
+fn a_panicking_fault_handler_releases_blocked_threads_too() {
+    let ram = ram(&[(0, 1 << 20)]);
+    write_pattern(&ram, 59);
+    let backing = Faulty::new(u64::MAX);
+    let (s, rx) = failing_swapper(&ram, &backing);
+    s.swap_out(1 << 20).expect("swap out");
+    backing.panic_reads.store(true, Ordering::SeqCst);
+
+    let blocked = read_first_page_on_thread(&ram);
+    let failure = rx.recv_timeout(Duration::from_secs(10)).expect("told");
+    assert!(failure.reason.contains("panicked"), "{}", failure.reason);
+
+    let deadline = Instant::now() + FAILED_RELEASE_GRACE + Duration::from_secs(5);
+    while !blocked.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "still blocked after a handler panic"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    blocked.join().expect("released");
+    drop(s);
+}
+
+#[test]
+fn release_faults_wakes_blocked_threads_at_once_for_a_failed_swapper_only() {
+    let ram = ram(&[(0, 1 << 20)]);
+    write_pattern(&ram, 61);
+    let backing = Faulty::new(u64::MAX);
+    let (s, rx) = failing_swapper(&ram, &backing);
+    s.swap_out(1 << 20).expect("swap out");
+    s.release_faults();
+    assert!(
+        mismatches_on_thread(&ram, 61).is_empty(),
+        "a healthy swapper keeps serving faults"
+    );
+    backing.fail_reads.store(true, Ordering::SeqCst);
+    s.swap_out(1 << 20).expect("swap out again");
+
+    let blocked = read_first_page_on_thread(&ram);
+    rx.recv_timeout(Duration::from_secs(10)).expect("told");
+    let asked = Instant::now();
+    s.release_faults();
+    blocked.join().expect("released");
+    assert!(
+        asked.elapsed() < FAILED_RELEASE_GRACE / 2,
+        "{:?}",
+        asked.elapsed()
+    );
 }

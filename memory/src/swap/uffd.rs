@@ -1,7 +1,8 @@
 //! The one module of the swap code that talks to the kernel directly: userfaultfd (creation,
 //! `UFFDIO_API`, register, copy, zero page, write-protect, wake, reading fault messages), plus the
-//! few raw calls on guest RAM the swapper needs (`MADV_DONTNEED`, `mincore`) and an eventfd used
-//! to stop the fault-handling thread.
+//! few raw calls on guest RAM the swapper needs (`MADV_DONTNEED`, `mincore`, a page checksum),
+//! the swap file's `fdatasync` + `POSIX_FADV_DONTNEED`, and an eventfd used to stop the
+//! fault-handling thread.
 //!
 //! The ioctl numbers and structure layouts are those of `<linux/userfaultfd.h>` (API version
 //! 0xAA); the unit tests check the sizes, and the numbers were checked against the C header.
@@ -10,6 +11,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
 
 /// `UFFD_API`.
 const UFFD_API: u64 = 0xAA;
@@ -33,6 +35,7 @@ const IOC_READ: u64 = 2;
 const IOC_RW: u64 = 3;
 const UFFDIO_API: u64 = ioc(IOC_RW, 0x3F, 24);
 const UFFDIO_REGISTER: u64 = ioc(IOC_RW, 0x00, 32);
+const UFFDIO_UNREGISTER: u64 = ioc(IOC_READ, 0x01, 16);
 const UFFDIO_WAKE: u64 = ioc(IOC_READ, 0x02, 16);
 const UFFDIO_COPY: u64 = ioc(IOC_RW, 0x03, 40);
 const UFFDIO_ZEROPAGE: u64 = ioc(IOC_RW, 0x04, 32);
@@ -223,6 +226,14 @@ impl Uffd {
         Ok(reg.ioctls)
     }
 
+    /// Unregisters `len` bytes at `start`: threads blocked on faults there are woken, and from
+    /// then on the range faults like ordinary anonymous memory (zero pages where nothing is
+    /// mapped).
+    pub fn unregister(&self, start: u64, len: u64) -> io::Result<()> {
+        let mut range = UffdioRange { start, len };
+        self.ioctl(UFFDIO_UNREGISTER, &mut range)
+    }
+
     /// Wakes threads blocked on faults in the range.
     pub fn wake(&self, start: u64, len: u64) -> io::Result<()> {
         let mut range = UffdioRange { start, len };
@@ -252,19 +263,26 @@ impl Uffd {
     }
 
     fn resolve<T>(&self, req: u64, arg: &mut T, dst: u64, len: u64) -> io::Result<Resolve> {
-        loop {
-            match self.ioctl(req, arg) {
-                Ok(()) => return Ok(Resolve::Done),
+        let mut installed = false;
+        retry_transient(
+            || match self.ioctl(req, arg) {
+                Ok(()) => {
+                    installed = true;
+                    Ok(())
+                }
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
                     // Nothing was installed and nobody was woken: do it ourselves.
-                    self.wake(dst, len)?;
-                    return Ok(Resolve::AlreadyMapped);
+                    self.wake(dst, len)
                 }
-                // The mm changed under the ioctl (a concurrent madvise): try again.
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => continue,
-                Err(e) => return Err(e),
-            }
-        }
+                Err(e) => Err(e),
+            },
+            std::thread::sleep,
+        )?;
+        Ok(if installed {
+            Resolve::Done
+        } else {
+            Resolve::AlreadyMapped
+        })
     }
 
     /// Sets (`protect`) or clears write protection on a registered range. Clearing wakes the
@@ -311,6 +329,83 @@ impl Uffd {
     }
 }
 
+/// Total time [`retry_transient`] keeps retrying before it reports the error.
+pub const TRANSIENT_RETRY_BUDGET: Duration = Duration::from_secs(1);
+
+/// Runs `op` until it succeeds, retrying the errors a resolving ioctl may return for a moment:
+/// `EAGAIN` (the address space changed under the ioctl, e.g. a concurrent `madvise`) and
+/// `ENOMEM` (the kernel could not allocate the page or its page table right now). Waits
+/// between tries with `sleep`, from 100 µs doubling to 50 ms, for at most
+/// [`TRANSIENT_RETRY_BUDGET`] in all; any other error, or one that outlasts the budget, is
+/// returned.
+pub fn retry_transient(
+    mut op: impl FnMut() -> io::Result<()>,
+    mut sleep: impl FnMut(Duration),
+) -> io::Result<()> {
+    let mut waited = Duration::ZERO;
+    let mut pause = Duration::from_micros(100);
+    loop {
+        match op() {
+            Ok(()) => return Ok(()),
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::ENOMEM))
+                    && waited < TRANSIENT_RETRY_BUDGET =>
+            {
+                sleep(pause);
+                waited += pause;
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// `fdatasync` on `fd`, then `POSIX_FADV_DONTNEED` on `len` bytes at `offset`: the data is on
+/// the device (a write-back error is returned here), and its now clean pages leave the page
+/// cache.
+pub fn datasync_and_drop_cache(fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fdatasync only takes an fd; an invalid one is an error, not undefined behaviour.
+    if unsafe { libc::fdatasync(fd) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: posix_fadvise takes an fd, a range and advice by value; it touches no memory of
+    // ours.
+    let ret = unsafe {
+        libc::posix_fadvise(
+            fd,
+            offset as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_DONTNEED,
+        )
+    };
+    if ret != 0 {
+        // A hint that failed costs page cache, not data: report it, do not fail the write.
+        tracing::debug!(
+            "POSIX_FADV_DONTNEED on the swap file failed: {}",
+            io::Error::from_raw_os_error(ret)
+        );
+    }
+    Ok(())
+}
+
+/// CRC32C of the page at host address `addr`, read with volatile loads into `scratch` first.
+///
+/// The caller guarantees `addr` is the page-aligned start of a page of guest RAM it keeps
+/// mapped. The page is write-protected while the swapper checksums it, but a guest write may
+/// still land once the fault handler lets it through; the copy makes that a stale value (and
+/// the swapper then keeps the page in RAM) rather than a data race on a Rust slice.
+pub fn page_crc32c(addr: u64, scratch: &mut [u64; (crate::PAGE_SIZE / 8) as usize]) -> u32 {
+    let p = addr as *const u64;
+    for (i, w) in scratch.iter_mut().enumerate() {
+        // SAFETY: `p + i` is inside the mapped, aligned page (caller's contract).
+        *w = unsafe { p.add(i).read_volatile() };
+    }
+    // SAFETY: `scratch` is a live array of u64; viewing its bytes as u8 is always valid.
+    let bytes =
+        unsafe { std::slice::from_raw_parts(scratch.as_ptr().cast::<u8>(), size_of_val(scratch)) };
+    crc32c::crc32c(bytes)
+}
+
 /// An eventfd used to tell the fault-handling thread to stop.
 #[derive(Debug)]
 pub struct EventFd {
@@ -345,6 +440,18 @@ impl EventFd {
     pub fn raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
+}
+
+/// Waits up to `timeout_ms` for `fd` to become readable; returns whether it did.
+pub fn poll_readable(fd: RawFd, timeout_ms: i32) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is one live pollfd structure, as the count says.
+    let ret = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    ret > 0 && pfd.revents & libc::POLLIN != 0
 }
 
 /// Which of the two polled fds are readable.
@@ -514,6 +621,7 @@ mod tests {
         // Values printed by a C program including <linux/userfaultfd.h>.
         assert_eq!(UFFDIO_API, 0xc018_aa3f);
         assert_eq!(UFFDIO_REGISTER, 0xc020_aa00);
+        assert_eq!(UFFDIO_UNREGISTER, 0x8010_aa01);
         assert_eq!(UFFDIO_WAKE, 0x8010_aa02);
         assert_eq!(UFFDIO_COPY, 0xc028_aa03);
         assert_eq!(UFFDIO_ZEROPAGE, 0xc020_aa04);
@@ -554,6 +662,69 @@ mod tests {
         page.0[4095] = 0;
         page.0[0] = 1;
         assert!(!page_is_zero(page.0.as_ptr() as u64));
+    }
+
+    #[test]
+    fn transient_enomem_and_eagain_are_retried_with_backoff() {
+        let mut errors = vec![libc::ENOMEM, libc::EAGAIN, libc::ENOMEM].into_iter();
+        let mut slept = Vec::new();
+        let r = retry_transient(
+            || match errors.next() {
+                Some(e) => Err(io::Error::from_raw_os_error(e)),
+                None => Ok(()),
+            },
+            |d| slept.push(d),
+        );
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(
+            slept,
+            vec![
+                Duration::from_micros(100),
+                Duration::from_micros(200),
+                Duration::from_micros(400)
+            ]
+        );
+    }
+
+    #[test]
+    fn lasting_enomem_and_other_errors_are_returned() {
+        let mut tries = 0;
+        let mut slept = Duration::ZERO;
+        let r = retry_transient(
+            || {
+                tries += 1;
+                Err(io::Error::from_raw_os_error(libc::ENOMEM))
+            },
+            |d| slept += d,
+        );
+        assert_eq!(r.expect_err("gives up").raw_os_error(), Some(libc::ENOMEM));
+        assert!(slept >= TRANSIENT_RETRY_BUDGET, "{slept:?}");
+        assert!(tries < 40, "backs off: {tries} tries");
+        let mut tries = 0;
+        let r = retry_transient(
+            || {
+                tries += 1;
+                Err(io::Error::from_raw_os_error(libc::EFAULT))
+            },
+            |_| panic!("EFAULT is not retried"),
+        );
+        assert_eq!(r.expect_err("fatal").raw_os_error(), Some(libc::EFAULT));
+        assert_eq!(tries, 1);
+    }
+
+    #[test]
+    fn page_checksum_is_crc32c_of_the_page() {
+        #[repr(C, align(4096))]
+        struct Page([u8; 4096]);
+        let mut page = Page([0x5a; 4096]);
+        page.0[17] = 3;
+        let mut scratch = [0u64; 512];
+        assert_eq!(
+            page_crc32c(page.0.as_ptr() as u64, &mut scratch),
+            crc32c::crc32c(&page.0)
+        );
+        // The CRC32C check value of "123456789" (RFC 3720, appendix B.4).
+        assert_eq!(crc32c::crc32c(b"123456789"), 0xe306_9283);
     }
 
     #[test]

@@ -8,4 +8,4 @@ pub mod routes;
 pub mod server;
 
 pub use routes::{ApiResponse, Route, RouteKind, ROUTES};
-pub use server::{ApiError, ApiServer, MAX_BODY_BYTES};
+pub use server::{ApiError, ApiServer, MAX_BODY_BYTES, MAX_CONNECTIONS};

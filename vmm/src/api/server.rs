@@ -22,10 +22,18 @@
 //! thread (`api-server`); actions run on a small pool of blocking threads (`api-action`), so a
 //! slow action does not stall the other connections either. The same crate is the client in
 //! `memvisor ctl` ([`crate::ctl`]).
+//!
+//! # Limits against a careless client
+//!
+//! At most [`MAX_CONNECTIONS`] connections are served at once; one more is answered `503` and
+//! closed at once, so a client opening thousands costs the VMM no more file descriptors than
+//! that. The socket is created owner-only: the process's umask is narrowed to `0177` around
+//! `bind` (the mode is right from the first instant the path exists, which a `chmod` after
+//! `bind` is not).
 
 use std::convert::Infallible;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener as StdUnixListener, UnixStream as StdUnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -54,6 +62,13 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Threads that run actions; more concurrent requests wait for one.
 const ACTION_THREADS: usize = 4;
+/// Connections served at once; more are answered 503 and closed.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// The answer to a connection over [`MAX_CONNECTIONS`].
+const BUSY_RESPONSE: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+content-length: 45\r\nconnection: close\r\n\r\n{\"error\": \"too many API connections, retry\"}\n";
 
 /// Errors starting the API server.
 #[derive(Debug, thiserror::Error)]
@@ -114,7 +129,7 @@ impl ApiServer {
             path: path.clone(),
             source,
         };
-        let std_listener = StdUnixListener::bind(&path).map_err(bind_err)?;
+        let std_listener = bind_owner_only(&path).map_err(bind_err)?;
         // From here on, the socket file is ours: remove it on any error.
         let cleanup = |e: ApiError| {
             let _ = std::fs::remove_file(&path);
@@ -124,8 +139,8 @@ impl ApiServer {
             .map_err(bind_err)
             .map_err(cleanup)?;
         let socket_id = (meta.dev(), meta.ino());
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-            .and_then(|()| std_listener.set_nonblocking(true))
+        std_listener
+            .set_nonblocking(true)
             .map_err(bind_err)
             .map_err(cleanup)?;
 
@@ -200,6 +215,24 @@ impl Drop for ApiServer {
     }
 }
 
+/// Binds `path` with the umask narrowed to `0177`, so the socket is `0600` from the start.
+///
+/// The umask belongs to the process: a file another thread creates during the `bind` gets no
+/// group or other bits either (never more than it asked for), and two servers starting at once
+/// take turns here.
+fn bind_owner_only(path: &Path) -> io::Result<StdUnixListener> {
+    static UMASK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = UMASK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // SAFETY: umask only swaps the process's file-mode creation mask; it cannot fail.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = StdUnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    bound
+}
+
 /// Makes `path` free to bind: removes a socket file nobody listens on, refuses a live one.
 fn remove_stale_socket(path: &Path) -> Result<(), ApiError> {
     let stale = |source| ApiError::Stale {
@@ -229,14 +262,27 @@ async fn serve(
     handler: Arc<dyn ActionHandler>,
     mut shutdown: oneshot::Receiver<()>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         tokio::select! {
             // A stop request, or the ApiServer dropped without one.
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tokio::spawn(serve_connection(stream, handler.clone()));
-                }
+                Ok((stream, _)) => match slots.clone().try_acquire_owned() {
+                    Ok(slot) => {
+                        let handler = handler.clone();
+                        tokio::spawn(async move {
+                            serve_connection(stream, handler).await;
+                            drop(slot);
+                        });
+                    }
+                    Err(_) => {
+                        // A fresh socket's send buffer takes the whole answer without
+                        // waiting; whatever happens, the connection is closed right here.
+                        let _ = stream.try_write(BUSY_RESPONSE);
+                        tracing::debug!("API: {MAX_CONNECTIONS} connections open, refused one");
+                    }
+                },
                 Err(e) => {
                     // EMFILE and the like: back off instead of spinning.
                     tracing::warn!("API: cannot accept a connection: {e}");

@@ -137,15 +137,12 @@ impl Vm {
         }))
     }
 
-    /// `GetSharing`: samples page sharing now; the sample also feeds `GET /metrics`.
+    /// `GetSharing`: samples page sharing now, on the `sharing` thread, and waits for it (the
+    /// event loop's own requests do not wait: `drain_requests` hands them over). The sample
+    /// also feeds `GET /metrics`.
     fn action_get_sharing(&mut self) -> Reply {
-        let report = self.sharing.sample(&self.ram).map_err(internal)?;
-        if let Some(stats) = report.stats() {
-            self.last_sharing = Some(*stats);
-        }
-        serde_json::to_value(&report)
-            .map(ActionReply::Json)
-            .map_err(internal)
+        self.sharing
+            .sample_now(&self.ram, crate::controller::ACTION_TIMEOUT)
     }
 
     /// `SetMemory`: a size the device refuses as wrong is a bad request.
